@@ -1,0 +1,1 @@
+"""shakti-jax: the Shakti small language models in pure JAX."""
