@@ -105,7 +105,7 @@ class MaskSpec:
         xp = jnp if _is_jax(q_pos) or _is_jax(k_pos) else np
         i = xp.asarray(q_pos)[..., :, None]
         j = xp.asarray(k_pos)[..., None, :]
-        ok = j >= 0
+        ok = xp.broadcast_to(j >= 0, np.broadcast_shapes(i.shape, j.shape))
         if self.causal:
             ok = ok & (j <= i)
         if self.window is not None:
