@@ -9,7 +9,6 @@ the reference the cached path must reproduce token for token.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from shakti_jax.cli import ArgumentParser, fail
 from shakti_jax.config import ConfigError, ModelConfig, get_config
 from shakti_jax.model import Transformer, init_cache
 
@@ -179,7 +179,7 @@ def load_model(model_name: str, seed: int = 0, **overrides) -> Transformer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="named model size (random init)")
     parser.add_argument("--tokenizer", help="sentencepiece .model for text prompts")
     parser.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
@@ -197,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result, texts = _run_cli(args)
     except (ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        fail(str(err))
     if args.json:
         print(json.dumps({"tokens": result.tokens, "texts": texts,
                           "prefill_tokens_per_sec": result.prefill_tokens_per_sec,

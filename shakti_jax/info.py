@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
 
+from shakti_jax.cli import ArgumentParser, fail
 from shakti_jax.config import CONFIGS, NOMINAL_PARAMS, ConfigError, get_config
 from shakti_jax.model_stats import summary
 
@@ -39,15 +39,14 @@ def render(info: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help=f"one of {sorted(CONFIGS)}")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
         info = summary(get_config(args.model))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        fail(str(err))
     print(json.dumps(info) if args.json else render(info))
     return 0
 

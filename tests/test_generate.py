@@ -137,3 +137,9 @@ def test_cli_errors_are_one_line(args, message):
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and res.stderr.strip().count("\n") == 0, res.stderr
     assert message in res.stderr
+
+
+def test_cli_usage_error_is_one_line():
+    res = _cli("--max_new_tokens", "many")
+    assert res.returncode == 2
+    assert res.stderr.startswith("error:") and res.stderr.strip().count("\n") == 0, res.stderr

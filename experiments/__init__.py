@@ -1,0 +1,1 @@
+"""Experiment configs and the end-to-end demo."""
