@@ -1,0 +1,1 @@
+"""Data pipelines: the embedded default corpus and the sentencepiece tokenizer."""

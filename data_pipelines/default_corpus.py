@@ -1,0 +1,66 @@
+"""An embedded default corpus that exists on every machine without a download.
+
+Docstrings of the installed Python standard library, read from its `.py` sources with `ast`
+(nothing is imported), in sorted file order, so the text is deterministic for a given Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+_SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
+              "__pycache__"}
+_MIN_CHARS = 40
+
+
+def _docstrings(path: Path) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                doc = inspect.cleandoc(doc)
+                if len(doc) >= _MIN_CHARS:
+                    yield doc
+
+
+def _stdlib_sources() -> Iterator[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath) / name
+
+
+def default_corpus_text(max_chars: int = 2_000_000) -> str:
+    """Up to `max_chars` characters of standard-library docstrings, blank-line separated."""
+    docs, size = [], 0
+    for path in _stdlib_sources():
+        for doc in _docstrings(path):
+            docs.append(doc)
+            size += len(doc) + 2
+            if size >= max_chars:
+                return "\n\n".join(docs)[:max_chars]
+    return "\n\n".join(docs)
+
+
+def write_default_corpus(path: str | Path, max_chars: int = 2_000_000) -> Path:
+    """Write the default corpus as UTF-8, atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(default_corpus_text(max_chars))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
