@@ -8,12 +8,19 @@ Training settings that matter for parity with llama.cpp's SPM tokenizer: identit
 normalisation (no NFKC), whitespace kept as written, byte fallback (no `<unk>` for unseen
 characters), digits split one per piece, and a dummy prefix space (exported as
 `tokenizer.ggml.add_space_prefix = true`).
+
+Chat tokens are user-defined pieces. Like llama.cpp (which always splits user-defined tokens out
+first), `Tokenizer.encode` cuts the text at chat tokens and encodes each stretch of plain text on
+its own, so every stretch gets the dummy prefix space: "<|user|>hi" -> [<|user|>, "▁hi"].
+Plain sentencepiece would give ["▁", <|user|>, "h", "i"] instead.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -24,68 +31,113 @@ import sentencepiece as spm
 from shakti_jax.cli import ArgumentParser, fail
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-# 256 byte pieces + 4 control pieces + the chat tokens, plus room for some merges.
-MIN_VOCAB = 256 + 4 + len(CHAT_TOKENS) + 16
+# 256 byte pieces + 4 control pieces + the chat tokens, plus room for some characters and merges.
+MIN_VOCAB = 300
+_CHAT_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
 
 
 class TokenizerError(ValueError):
     """Bad tokenizer input; the message is one line naming the file or value."""
 
 
+def _check_input(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            empty = not f.read(1)
+    except FileNotFoundError:
+        raise TokenizerError(f"input file {path} does not exist") from None
+    except OSError as err:
+        raise TokenizerError(f"input file {path} is unreadable: {err.strerror}") from None
+    if empty:
+        raise TokenizerError(f"input file {path} is empty")
+
+
 def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_prefix: str | Path, *,
                     model_type: str = "bpe", character_coverage: float = 0.9995,
-                    input_sentence_size: int = 2_000_000) -> Path:
-    """Train and write `<out_prefix>.model` / `.vocab` atomically; returns the .model path."""
-    if not input_files:
+                    max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
+                    seed: int = 0) -> Path:
+    """Train on UTF-8 text files (one sentence per line) and write `<out_prefix>.model` / `.vocab`.
+
+    Deterministic for given inputs and seed (`seed` drives sentencepiece's global generator, used
+    to sample `input_sentence_size` lines from larger corpora): the same inputs give a
+    byte-identical `.model`. Files are written atomically. Returns the `.model` path.
+    """
+    inputs = [Path(f) for f in input_files]
+    if not inputs:
         raise TokenizerError("no input files given")
-    for f in input_files:
-        path = Path(f)
-        if not path.is_file():
-            raise TokenizerError(f"input file {path} does not exist")
-        if path.stat().st_size == 0:
-            raise TokenizerError(f"input file {path} is empty")
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
+    for path in inputs:
+        _check_input(path)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise TokenizerError(f"vocab_size={vocab_size!r} must be an integer >= {MIN_VOCAB} "
-                             f"(256 byte-fallback pieces + special tokens + merges)")
-    out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=out_prefix.parent, prefix=f".{out_prefix.name}.")
-    tmp_prefix = Path(tmp_dir) / out_prefix.name
+                             f"(256 byte-fallback pieces + special tokens + characters)")
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            input=[str(f) for f in input_files], model_prefix=str(tmp_prefix),
-            vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+            input=[str(p) for p in inputs], model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             byte_fallback=True, split_digits=True, add_dummy_prefix=True,
-            allow_whitespace_only_pieces=True, split_by_whitespace=True,
-            max_sentence_length=1 << 16, input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+            allow_whitespace_only_pieces=True, max_sentence_length=max_sentence_length,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            train_extremely_large_corpus=False,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
             user_defined_symbols=list(CHAT_TOKENS), num_threads=2, minloglevel=2,
         )
-        for suffix in (".model", ".vocab"):
-            os.replace(f"{tmp_prefix}{suffix}", f"{out_prefix}{suffix}")
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        names = ", ".join(str(f) for f in input_files)
-        raise TokenizerError(f"training on {names} failed: {reason}") from None
-    finally:
-        for leftover in Path(tmp_dir).glob("*"):
-            leftover.unlink()
-        os.rmdir(tmp_dir)
-    return Path(f"{out_prefix}.model")
+        raise _training_error(err, inputs, vocab_size) from None
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i):g}\n" for i in range(sp.GetPieceSize()))
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    # .vocab first: a .model that exists is always complete and matches its .vocab.
+    _write_atomic(Path(f"{out_prefix}.vocab"), vocab.encode("utf-8"))
+    return _write_atomic(Path(f"{out_prefix}.model"), model.getvalue())
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _training_error(err: RuntimeError, inputs: list[Path], vocab_size: int) -> TokenizerError:
+    names = ", ".join(map(str, inputs))
+    message = " ".join(str(err).split())
+    if "!sentences_.empty()" in message:
+        return TokenizerError(f"{names} has no usable text (only blank or over-long lines)")
+    limit = re.search(r"Vocabulary size too high.*<= (\d+)", message)
+    if limit and int(limit.group(1)) < MIN_VOCAB:
+        return TokenizerError(f"{names} has too little text for any vocab_size >= {MIN_VOCAB} "
+                              f"(it supports at most {limit.group(1)})")
+    if limit:
+        return TokenizerError(f"vocab_size={vocab_size} is too large for {names}; "
+                              f"this corpus supports at most {limit.group(1)}")
+    return TokenizerError(f"training on {names} failed: {message.split('] ')[-1]}")
 
 
 class Tokenizer:
-    """A loaded sentencepiece model with the project's special-token conventions."""
+    """A sentencepiece model trained by `train_tokenizer`, with the project's special tokens."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, model_path: Path):
         self._sp = processor
-        self.model_path = model_path
+        self._model_path = model_path
+        self._chat_ids = {piece: processor.PieceToId(piece) for piece in CHAT_TOKENS}
+        self._chat_pieces = {i: piece for piece, i in self._chat_ids.items()}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a `.model`; raises a one-line `TokenizerError` for a missing or foreign file."""
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"tokenizer model {path} does not exist")
@@ -94,7 +146,17 @@ class Tokenizer:
             processor.Load(str(path))
         except (RuntimeError, OSError):
             raise TokenizerError(f"{path} is not a sentencepiece model") from None
+        reserved = [processor.IdToPiece(i) if i < processor.GetPieceSize() else None for i in range(4)]
+        missing = [p for p in CHAT_TOKENS if processor.PieceToId(p) == UNK_ID]
+        if reserved != [UNK, BOS, EOS, PAD] or missing:
+            raise TokenizerError(f"{path} was not trained by data_pipelines.tokenizer "
+                                 f"(needs ids 0-3 = {UNK} {BOS} {EOS} {PAD} and chat tokens "
+                                 f"{' '.join(CHAT_TOKENS)})")
         return cls(processor, path)
+
+    @property
+    def model_path(self) -> Path:
+        return self._model_path
 
     @property
     def vocab_size(self) -> int:
@@ -102,34 +164,48 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self._sp.bos_id()
+        return BOS_ID
 
     @property
     def eos_id(self) -> int:
-        return self._sp.eos_id()
+        return EOS_ID
 
     @property
     def pad_id(self) -> int:
-        return self._sp.pad_id()
+        return PAD_ID
 
     @property
     def unk_id(self) -> int:
-        return self._sp.unk_id()
+        return UNK_ID
 
     @property
     def chat_token_ids(self) -> dict[str, int]:
-        return {piece: self._sp.PieceToId(piece) for piece in CHAT_TOKENS}
+        return dict(self._chat_ids)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self._sp.EncodeAsIds(text)
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+        """Token ids of `text`; chat tokens in it become their single ids (as in llama.cpp)."""
+        ids = [BOS_ID] if add_bos else []
+        for part in _CHAT_SPLIT.split(text):
+            if part in self._chat_ids:
+                ids.append(self._chat_ids[part])
+            elif part:
+                ids.extend(self._sp.EncodeAsIds(part))
+        return ids + [EOS_ID] if add_eos else ids
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
                      add_eos: bool = False) -> list[list[int]]:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.DecodeIds([int(i) for i in ids if i != self.pad_id])
+        """Text of `ids`, the inverse of `encode`; BOS, EOS and padding decode to nothing."""
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self._chat_pieces:
+                out += [self._sp.DecodeIds(run), self._chat_pieces[i]]
+                run = []
+            elif i != PAD_ID:
+                run.append(i)
+        return "".join(out) + self._sp.DecodeIds(run)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
@@ -139,19 +215,19 @@ class Tokenizer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m data_pipelines.tokenizer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a tokenizer")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="UTF-8 text files")
     source.add_argument("--default_corpus", action="store_true",
-                        help="the embedded corpus (standard-library docstrings)")
+                        help="the embedded corpus (standard-library docstrings), saved as PREFIX.corpus.txt")
     train.add_argument("--vocab_size", type=int, required=True)
     train.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     encode = commands.add_parser("encode", help="print the token ids of a text")
     encode.add_argument("--model", required=True)
     encode.add_argument("--text", required=True)
-    encode.add_argument("--json", action="store_true")
+    encode.add_argument("--json", action="store_true", help="print ids and pieces as JSON")
     for sub in (train, encode):
         sub.error = parser.error  # one-line usage errors for subcommands too
     args = parser.parse_args(argv)
@@ -163,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = tok.encode(args.text)
             print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]})
                   if args.json else " ".join(map(str, ids)))
-    except (TokenizerError, OSError) as err:
-        fail(str(err))
+    except (ValueError, OSError) as err:
+        fail(" ".join(str(err).split()))
     return 0
 
 
@@ -177,8 +253,9 @@ def _train(args) -> None:
         inputs = args.input
     path = train_tokenizer(inputs, args.vocab_size, args.out)
     tok = Tokenizer.load(path)
-    print(f"wrote {path}: {tok.vocab_size} pieces (bos {tok.bos_id}, eos {tok.eos_id}, "
-          f"pad {tok.pad_id}, chat {tok.chat_token_ids})")
+    print(path)
+    print(f"{tok.vocab_size} pieces from {', '.join(map(str, inputs))}; unk/bos/eos/pad = "
+          f"{tok.unk_id}/{tok.bos_id}/{tok.eos_id}/{tok.pad_id}; chat tokens {tok.chat_token_ids}")
 
 
 if __name__ == "__main__":

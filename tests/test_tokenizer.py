@@ -1,132 +1,225 @@
-"""Tokenizer: exact round trips, Llama-style settings, reserved ids, CLI errors."""
+"""Tokenizer: exact round trips, Llama-style settings, reserved ids, atomic training, CLI errors."""
 
+import json
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 from data_pipelines.default_corpus import default_corpus_text, write_default_corpus
 from data_pipelines.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO_ROOT.parent / "shared/data/pretrain/tinyshakespeare.txt"
 
 BATTERY = [
-    "Hello, world!",
-    "Crème brûlée à la façon d'Œdipe",
-    "Ελληνικά και русский текст",
-    "日本語のテキストと中文文本",
-    "हिन्दी पाठ",
-    "emoji 👩‍👩‍👧‍👦 and 🇮🇳 flags",
-    "cafe\u0301 (combining accent, NFD must survive)",
-    "ｆｕｌｌｗｉｄｔｈ and ﬁ ligature (no NFKC)",
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "Crème brûlée à la façon d'Œdipe, naïve señor, Ærøskøbing",
+    "Ελληνικά: Καλημέρα κόσμε",
+    "Кириллица: Привет, мир!",
+    "日本語のテキストと中文文本，한국어",
+    "हिन्दी पाठ: नमस्ते दुनिया",
+    "emoji 😀 👩‍👩‍👧‍👦 👨🏽‍💻 🏳️‍🌈 and 🇮🇳 flags",
+    unicodedata.normalize("NFD", "café résumé Ångström"),  # combining marks must survive
+    "ｆｕｌｌｗｉｄｔｈ and ﬁ ligature, ① ² (no NFKC)",
     "  leading and trailing spaces  ",
-    "many     spaces\tand\ttabs\n\nnewlines\r\nCRLF",
-    "3.14159 1,000,000 2026-11-22 0x1F 007",
-    "<|user|>What is 2+2?<|end|><|assistant|>4<|end|>",
-    "",
+    "a  b   c    d",
+    "tabs\tand\t\tmore\ttabs",
+    "lines\n\nand\nnewlines\n",
+    "windows\r\nline\r\nendings\r\n",
+    "3.14159 1,000,000 2026-11-22 0x1F 007 -42 1e-9",
+    "mixed: café 3.14 Привет 日本 😀\t<|user|>hi<|end|>\r\n",
+    "<|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|> 4<|end|>",
+    "𓂀 ꙮ \u200b\ufeff\x00\x7f",
     " ",
+    "",
 ]
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    corpus = d / "corpus.txt"
-    corpus.write_text(default_corpus_text(300_000), encoding="utf-8")
-    return Tokenizer.load(train_tokenizer([corpus], 1000, d / "tok"))
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(default_corpus_text(300_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(corpus) -> Tokenizer:
+    return Tokenizer.load(train_tokenizer([corpus], 1000, corpus.parent / "tok"))
+
+
+def pieces(tok: Tokenizer, text: str) -> list[str]:
+    return [tok.id_to_piece(i) for i in tok.encode(text)]
 
 
 @pytest.mark.parametrize("text", BATTERY)
-def test_exact_round_trip_and_no_unk(tok, text):
+def test_exact_round_trip_without_unk(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.unk_id not in ids
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_no_unicode_normalisation(tok):
+    nfc, nfd = "café", unicodedata.normalize("NFD", "café")
+    assert nfc != nfd and tok.encode(nfc) != tok.encode(nfd)
+    assert tok.decode(tok.encode(nfd)) == nfd
 
 
 def test_unseen_characters_fall_back_to_bytes(tok):
-    pieces = [tok.id_to_piece(i) for i in tok.encode("𓂀")]  # an Egyptian hieroglyph
-    assert pieces[-4:] == ["<0xF0>", "<0x93>", "<0x82>", "<0x80>"]
+    assert pieces(tok, "𓂀")[-4:] == ["<0xF0>", "<0x93>", "<0x82>", "<0x80>"]  # a hieroglyph
 
 
 def test_digits_are_split(tok):
-    pieces = [tok.id_to_piece(i) for i in tok.encode("12345")]
-    assert [p.lstrip("\u2581") for p in pieces if p.lstrip("\u2581")] == list("12345")
+    assert [p for p in pieces(tok, "12345") if p != "\u2581"] == list("12345")
+    assert [p for p in pieces(tok, "in 2026") if p.isdigit()] == list("2026")
 
 
-def test_whitespace_is_not_collapsed(tok):
+def test_whitespace_is_kept(tok):
     assert tok.encode("a  b") != tok.encode("a b")
     assert tok.encode("a\tb") != tok.encode("a b")
+    assert tok.encode("a\nb") != tok.encode("a b")
+    assert tok.encode(" a") != tok.encode("a")
 
 
-def test_reserved_ids_and_chat_tokens(tok):
+def test_reserved_ids(tok):
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    assert [tok.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert tok.vocab_size == 1000
+    body = tok.encode("hello world")
+    assert tok.encode("hello world", add_bos=True) == [1, *body]
+    assert tok.encode("hello world", add_eos=True) == [*body, 2]
+    assert tok.encode("hello world", add_bos=True, add_eos=True) == [1, *body, 2]
+    assert tok.decode([1, *body, 2, 3, 3]) == "hello world"  # BOS, EOS and padding vanish
+    assert tok.encode_batch(["a", "b c"], add_eos=True) == [tok.encode("a", add_eos=True),
+                                                             tok.encode("b c", add_eos=True)]
+
+
+def test_chat_tokens_are_single_reserved_ids(tok):
     ids = tok.chat_token_ids
-    assert list(ids) == list(CHAT_TOKENS) and sorted(ids.values()) == [4, 5, 6, 7]
+    assert list(ids) == list(CHAT_TOKENS)
+    assert list(ids.values()) == [4, 5, 6, 7]
     for piece, token_id in ids.items():
-        assert tok.encode(piece) == [token_id] or tok.encode(piece)[-1:] == [token_id]
-        assert tok.id_to_piece(token_id) == piece
-    chat = tok.encode("<|user|>hi<|end|>")
-    assert ids["<|user|>"] in chat and ids["<|end|>"] in chat
-    assert tok.encode("x", add_bos=True, add_eos=True)[::len(tok.encode("x")) + 1] == [1, 2]
-    assert tok.decode([3, *tok.encode("pad me"), 3]) == "pad me"
+        assert tok.encode(piece) == [token_id]
+        assert tok.piece_to_id(piece) == token_id and tok.id_to_piece(token_id) == piece
+        assert tok.decode([token_id]) == piece
+    # Like llama.cpp: text is cut at chat tokens and each plain stretch gets the dummy prefix.
+    assert tok.encode("<|user|>hi there<|end|>") == [5, *tok.encode("hi there"), 7]
+    assert tok.encode("ok<|end|>") == [*tok.encode("ok"), 7]
+    assert 5 not in tok.encode("<|user|")
 
 
-def test_trains_on_tinyshakespeare(shared_data, tmp_path):
-    path = shared_data / "pretrain" / "tinyshakespeare.txt"
-    t = Tokenizer.load(train_tokenizer([path], 600, tmp_path / "shakespeare"))
-    text = path.read_text(encoding="utf-8")[:2000]
+def test_training_is_deterministic(tok, corpus, tmp_path):
+    again = train_tokenizer([corpus], 1000, tmp_path / "again")
+    assert again.read_bytes() == tok.model_path.read_bytes()
+
+
+def test_trains_on_tinyshakespeare(tmp_path):
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is absent")
+    t = Tokenizer.load(train_tokenizer([SHAKESPEARE], 600, tmp_path / "shakespeare"))
+    assert t.vocab_size == 600
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:2000]
     ids = t.encode(text)
-    assert t.decode(ids) == text
+    assert t.decode(ids) == text and t.unk_id not in ids
     assert len(ids) < 0.6 * len(text)  # merges learnt: far fewer tokens than characters
 
 
 def test_default_corpus_is_deterministic_and_large(tmp_path):
     a, b = default_corpus_text(), default_corpus_text()
     assert a == b and len(a) >= 200_000
+    assert "\n\n" in a and len(a) <= 2_000_000
+    assert default_corpus_text(1000) == a[:1000]
     path = write_default_corpus(tmp_path / "c.txt", max_chars=10_000)
     assert path.read_text(encoding="utf-8") == a[:10_000]
-    assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_training_errors(tmp_path):
-    with pytest.raises(TokenizerError, match="does not exist"):
-        train_tokenizer([tmp_path / "missing.txt"], 1000, tmp_path / "t")
+def test_training_errors_name_the_problem(tmp_path):
     small = tmp_path / "small.txt"
-    small.write_text("just a few words", encoding="utf-8")
-    with pytest.raises(TokenizerError, match="small.txt.*<= "):
+    small.write_text("Just a few words, with some more characters: 0123456789!\n", encoding="utf-8")
+    (tmp_path / "empty.txt").touch()
+    with pytest.raises(TokenizerError, match="missing.txt does not exist"):
+        train_tokenizer([small, tmp_path / "missing.txt"], 1000, tmp_path / "t")
+    with pytest.raises(TokenizerError, match="empty.txt is empty"):
+        train_tokenizer([tmp_path / "empty.txt"], 1000, tmp_path / "t")
+    with pytest.raises(TokenizerError, match="unreadable"):
+        train_tokenizer([tmp_path], 1000, tmp_path / "t")
+    for bad in (10, 299, 1000.0, "1000", True):
+        with pytest.raises(TokenizerError, match="vocab_size"):
+            train_tokenizer([small], bad, tmp_path / "t")
+    too_large = r"vocab_size=5000 is too large for .*small.txt; this corpus supports at most \d+$"
+    with pytest.raises(TokenizerError, match=too_large):
         train_tokenizer([small], 5000, tmp_path / "t")
-    with pytest.raises(TokenizerError, match="vocab_size"):
-        train_tokenizer([small], 10, tmp_path / "t")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # nothing partial written
+    (tmp_path / "blank.txt").write_text("\n\n\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="blank.txt has no usable text"):
+        train_tokenizer([tmp_path / "blank.txt"], 1000, tmp_path / "t")
+    (tmp_path / "one.txt").write_text("a\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="one.txt has too little text for any vocab_size"):
+        train_tokenizer([tmp_path / "one.txt"], 300, tmp_path / "t")
+    assert not list(tmp_path.glob("t*")) and not list(tmp_path.glob(".*"))  # nothing partial
+
+
+def test_load_rejects_missing_broken_and_foreign_models(corpus, tmp_path):
+    with pytest.raises(TokenizerError, match="nope.model does not exist"):
+        Tokenizer.load(tmp_path / "nope.model")
     with pytest.raises(TokenizerError, match="not a sentencepiece model"):
-        Tokenizer.load(small)
+        Tokenizer.load(corpus)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "foreign"),
+                                   vocab_size=400, minloglevel=2)  # sentencepiece defaults
+    with pytest.raises(TokenizerError, match="not trained by data_pipelines.tokenizer"):
+        Tokenizer.load(tmp_path / "foreign.model")
 
 
-def _cli(*args):
+def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data_pipelines.tokenizer", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_train_and_encode(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(default_corpus_text(100_000), encoding="utf-8")
+def test_cli_train_and_encode(corpus, tmp_path):
     res = _cli("train", "--input", str(corpus), "--vocab_size", "400", "--out", str(tmp_path / "t"))
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "t.model").is_file()
-    res = _cli("encode", "--model", str(tmp_path / "t.model"), "--text", "42")
-    assert res.returncode == 0 and res.stdout.split()[-2:] == [
-        str(Tokenizer.load(tmp_path / "t.model").piece_to_id(d)) for d in "42"]
+    model = tmp_path / "t.model"
+    assert res.stdout.splitlines()[0] == str(model) and "400 pieces" in res.stdout
+    assert model.is_file() and (tmp_path / "t.vocab").is_file()
+    tok = Tokenizer.load(model)
+    res = _cli("encode", "--model", str(model), "--text", "x 42<|end|>")
+    assert res.returncode == 0, res.stderr
+    assert [int(i) for i in res.stdout.split()] == tok.encode("x 42<|end|>")
+    res = _cli("encode", "--model", str(model), "--text", "x 42", "--json")
+    assert json.loads(res.stdout)["ids"] == tok.encode("x 42")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--input", "/no/such/file.txt", "--vocab_size", "1000", "--out", "/tmp/x"], "file.txt"),
-    (["encode", "--model", "/no/such.model", "--text", "hi"], "such.model"),
-    (["train", "--input", "README.md", "--vocab_size", "ten", "--out", "/tmp/x"], "vocab_size"),
-    (["train", "--input", "Makefile", "--vocab_size", "30000", "--out", "/tmp/x"], "Makefile"),
+def test_cli_trains_on_default_corpus(tmp_path):
+    res = _cli("train", "--default_corpus", "--vocab_size", "500", "--out", str(tmp_path / "d"))
+    assert res.returncode == 0, res.stderr
+    assert Tokenizer.load(tmp_path / "d.model").vocab_size == 500
+    assert (tmp_path / "d.corpus.txt").read_text(encoding="utf-8") == default_corpus_text()
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing_input", "missing.txt does not exist"),
+    ("vocab_too_large", "at most"),
+    ("missing_model", "no.model does not exist"),
+    ("bad_vocab_size", "--vocab_size"),
 ])
-def test_cli_errors_are_one_line(args, message):
+def test_cli_errors_are_one_line(tmp_path, case, needle):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a tiny corpus\n", encoding="utf-8")
+    out = str(tmp_path / "t")
+    missing = str(tmp_path / "missing.txt")
+    args = {
+        "missing_input": ["train", "--input", missing, "--vocab_size", "1000", "--out", out],
+        "vocab_too_large": ["train", "--input", str(tiny), "--vocab_size", "30000", "--out", out],
+        "missing_model": ["encode", "--model", str(tmp_path / "no.model"), "--text", "hi"],
+        "bad_vocab_size": ["train", "--input", str(tiny), "--vocab_size", "ten", "--out", out],
+    }[case]
     res = _cli(*args)
     assert res.returncode == 2
-    assert res.stderr.startswith("error:") and res.stderr.strip().count("\n") == 0, res.stderr
-    assert message in res.stderr
+    assert res.stderr.startswith("error:") and len(res.stderr.splitlines()) == 1, res.stderr
+    assert needle in res.stderr
+    assert res.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]
