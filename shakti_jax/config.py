@@ -18,7 +18,8 @@ Choices shared by all sizes:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+from typing import Any, Mapping
 
 from shakti_jax.ops.masks import BlockSparse, MaskSpec
 
@@ -79,6 +80,23 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (tuples become lists); `from_dict` inverts it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """Rebuild a config written by `to_dict`; unknown keys fail in one line."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown model config key(s): {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if "attention_pattern" in values:
+            values["attention_pattern"] = tuple(values["attention_pattern"])
+        if isinstance(values.get("sparse"), Mapping):
+            values["sparse"] = BlockSparse(**values["sparse"])
+        return cls(**values)
 
 
 def validate(cfg: ModelConfig) -> None:

@@ -64,8 +64,12 @@ def part_of(path: str) -> str:
     return "norms"
 
 
-def summary(cfg: ModelConfig) -> dict:
-    """Parameter breakdown, FLOPs per token, KV-cache and weight bytes, as one dict."""
+def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
+    """Parameter breakdown, FLOPs per token, KV-cache and weight bytes, as one dict.
+
+    Attention FLOPs are averaged over sequences of `seq_len` tokens (default: the context).
+    """
+    seq_len = seq_len or cfg.max_seq_len
     ts = tensors(cfg)
     parts: dict[str, int] = {}
     for t in ts:
@@ -79,7 +83,7 @@ def summary(cfg: ModelConfig) -> dict:
     matmul_params = parts["attention"] + parts["mlp"] + cfg.vocab_size * cfg.d_model
     # Attention: QK^T and PV, 2 FLOPs per multiply-add, per query head, over the keys each
     # query actually sees at full context (so sliding windows and sparse layouts count less).
-    visible = {kind: cfg.layer_mask(cfg.layer_kinds.index(kind)).visible_keys_per_query(cfg.max_seq_len)
+    visible = {kind: cfg.layer_mask(cfg.layer_kinds.index(kind)).visible_keys_per_query(seq_len)
                for kind in set(cfg.layer_kinds)}
     attn_fwd = sum(4 * cfg.num_heads * cfg.head_dim * visible[k] for k in cfg.layer_kinds)
     fwd = 2 * matmul_params + attn_fwd

@@ -28,15 +28,23 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; data=-1 takes every device the other two leave."""
+    """A (data, fsdp, tensor) mesh; one axis may be -1: every device the other two leave."""
     devices = list(jax.devices() if devices is None else devices)
-    if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide {len(devices)} devices")
-        data = len(devices) // (fsdp * tensor)
-    if data * fsdp * tensor != len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} != {len(devices)} devices")
-    grid = np.asarray(devices).reshape(data, fsdp, tensor)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: sizes must be >= 1, "
+                         f"and at most one of them -1")
+    if free:
+        fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+        if len(devices) % fixed:
+            raise ValueError(f"mesh {' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)}"
+                             f" does not divide {len(devices)} devices")
+        sizes[free[0]] = len(devices) // fixed
+    if int(np.prod(list(sizes.values()))) != len(devices):
+        raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x "
+                         f"tensor={sizes['tensor']} != {len(devices)} devices")
+    grid = np.asarray(devices).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
@@ -68,3 +76,23 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping = DEFAULT_RULES
         return NamedSharding(mesh, PartitionSpec(*fitted))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shardings_like(tree, params_shardings, mesh: Mesh):
+    """Shardings for a pytree holding param-shaped subtrees (optimizer moments): a leaf whose
+    key path ends with a parameter's key path takes that parameter's sharding; every other
+    leaf (step counts, scalars) is replicated."""
+    by_path = {tuple(map(str, path)): s for path, s in
+               jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+    longest = max((len(p) for p in by_path), default=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(map(str, path))
+        for n in range(min(longest, len(keys)), 0, -1):
+            sharding = by_path.get(keys[-n:])
+            if sharding is not None and len(sharding.spec) <= len(getattr(leaf, "shape", ())):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, sharded steps, checkpoints, metrics and the trainer loop."""

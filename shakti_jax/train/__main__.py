@@ -1,0 +1,4 @@
+from shakti_jax.train.cli import main
+
+if __name__ == "__main__":
+    main()

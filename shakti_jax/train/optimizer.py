@@ -1,0 +1,48 @@
+"""AdamW with warmup + cosine or WSD schedules, clipping, and no decay on norms and biases."""
+
+from __future__ import annotations
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+from shakti_jax.config import ConfigError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, then cosine to `lr * min_lr_ratio`, or WSD: hold, then a linear
+    decay over the last `decay_fraction` of the steps (warmup-stable-decay)."""
+    lr, warmup, floor = optim.lr, optim.warmup_steps, optim.lr * optim.min_lr_ratio
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={optim.schedule!r} must be one of {SCHEDULES}")
+    if warmup >= total_steps and optim.schedule != "constant":
+        raise ConfigError(f"optim.warmup_steps={warmup} must be < train.steps={total_steps}")
+    warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
+    if optim.schedule == "constant":
+        rest = optax.constant_schedule(lr)
+    elif optim.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(lr, total_steps - warmup, alpha=optim.min_lr_ratio)
+    else:
+        decay = max(1, int(round((total_steps - warmup) * optim.decay_fraction)))
+        rest = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, floor, decay)],
+            [total_steps - warmup - decay])
+    return optax.join_schedules([warm, rest], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices (ndim >= 2: projections, embeddings), never on norms/biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                  optax.Schedule]:
+    schedule = learning_rate_schedule(optim, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule

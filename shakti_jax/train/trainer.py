@@ -1,0 +1,307 @@
+"""The training loop: config -> mesh, data, state -> compiled sharded step -> metrics/checkpoints.
+
+Re-running the same command resumes from the newest readable checkpoint (params, optimizer,
+step and data-iterator state), so a killed run continues with exactly the batches and losses
+of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from data_pipelines.pipeline import (SkippedRecords, eval_batches, first_batches, open_sources,
+                                     train_batches)
+from data_pipelines.tokenizer import Tokenizer, train_tokenizer
+from shakti_jax.config import ConfigError, ModelConfig
+from shakti_jax.model_stats import summary
+from shakti_jax.sharding import make_mesh, param_shardings, shardings_like
+from shakti_jax.train.checkpoint import Checkpointer, abstract_of
+from shakti_jax.train.metrics import MetricsLogger, peak_flops_per_device
+from shakti_jax.train.optimizer import make_optimizer
+from shakti_jax.train.step import (BATCH_KEYS, ModelParts, init_train_state, make_eval_step,
+                                   make_train_step)
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss); the message says why and what was kept."""
+
+
+def check_config(config: ConfigDict, mesh_devices: int) -> ModelConfig:
+    """Every check that can fail before compiling; raises a one-line ConfigError naming the key."""
+    try:
+        cfg = ModelConfig.from_dict(config.model.to_dict())
+    except TypeError as err:
+        raise ConfigError(f"model: {err}") from None
+    train, data = config.train, config.data
+    for key in ("steps", "batch_size", "micro_batches", "log_every", "eval_every",
+                "checkpoint_every", "keep_checkpoints"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ConfigError(f"train.{key}={train[key]!r}: must be a positive integer")
+    if train.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"train.on_nonfinite={train.on_nonfinite!r}: must be one of "
+                          f"{NONFINITE_POLICIES}")
+    if not 1 <= data.seq_len <= cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len}: must be in [1, model.max_seq_len="
+                          f"{cfg.max_seq_len}]")
+    processes = jax.process_count()
+    if train.batch_size % processes:
+        raise ConfigError(f"train.batch_size={train.batch_size}: must divide evenly over "
+                          f"{processes} processes")
+    if train.batch_size % train.micro_batches:
+        raise ConfigError(f"train.batch_size={train.batch_size}: must be a multiple of "
+                          f"train.micro_batches={train.micro_batches}")
+    micro = train.batch_size // train.micro_batches
+    if micro % mesh_devices:
+        raise ConfigError(f"train.batch_size={train.batch_size}: each micro-batch of {micro} rows "
+                          f"must divide over the mesh's {mesh_devices} batch shards "
+                          f"(mesh.data x mesh.fsdp)")
+    return cfg
+
+
+def prepare_tokenizer(config: ConfigDict, workdir: Path, sources, vocab_size: int) -> Tokenizer:
+    """The configured tokenizer, or one trained on the training documents into the workdir."""
+    if config.data.tokenizer:
+        tokenizer = Tokenizer.load(config.data.tokenizer)
+    else:
+        path = workdir / "tokenizer.model"
+        if not path.exists():
+            corpus = workdir / "tokenizer_corpus.txt"
+            _write_corpus_sample(sources, corpus)
+            train_tokenizer([corpus], vocab_size, workdir / "tokenizer")
+            corpus.unlink()
+        tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} pieces ({tokenizer.model_path})")
+    return tokenizer
+
+
+def _write_corpus_sample(sources, path: Path, max_chars: int = 5_000_000) -> None:
+    """The first documents of each source (in file order), up to `max_chars` in total."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    budget = max_chars // len(sources)
+    with path.open("w", encoding="utf-8") as f:
+        for _, docs in sources:
+            used = 0
+            for i in range(len(docs)):
+                doc = docs[i]
+                if doc.text is not None:
+                    f.write(doc.text.replace("\r", "") + "\n")
+                    used += len(doc.text)
+                if used >= budget:
+                    break
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token stands for (byte pieces 1, control and chat tokens 0)."""
+    lengths = np.zeros(tokenizer.vocab_size, np.int64)
+    special = set(tokenizer.chat_token_ids.values()) | {tokenizer.bos_id, tokenizer.eos_id,
+                                                         tokenizer.pad_id, tokenizer.unk_id}
+    for i in range(tokenizer.vocab_size):
+        piece = tokenizer.id_to_piece(i)
+        if i in special:
+            continue
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            lengths[i] = 1
+        else:
+            lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+class Trainer:
+    """Builds everything from an experiment config; `run()` trains to `train.steps`."""
+
+    def __init__(self, config: ConfigDict, workdir: str | Path):
+        self.config, self.workdir = config, Path(workdir)
+        self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.model_config = check_config(config, batch_shards)
+        self.is_main = jax.process_index() == 0
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        data = config.data
+        self.sources = open_sources(list(data.sources))
+        self.eval_sources = open_sources(list(data.eval_sources)) if data.eval_sources else None
+        self.tokenizer = prepare_tokenizer(config, self.workdir, self.sources,
+                                           self.model_config.vocab_size)
+        self.skipped = SkippedRecords()
+        self.parts = ModelParts.build(self.model_config, config.train.seed)
+        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
+        self._build_shardings()
+        self.checkpointer = Checkpointer(self.workdir, keep=config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoints)
+
+    def _build_shardings(self) -> None:
+        from flax import nnx
+
+        seed = self.config.train.seed
+        abstract = jax.eval_shape(lambda: init_train_state(self.parts, self.tx, seed))
+        params_sh = nnx.to_pure_dict(param_shardings(self.parts.abstract_params, self.mesh))
+        replicated = NamedSharding(self.mesh, P())
+        self.state_shardings = {
+            "step": replicated, "nonfinite": replicated, "first_nonfinite": replicated,
+            "params": params_sh,
+            "opt_state": shardings_like(abstract["opt_state"], params_sh, self.mesh),
+        }
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, self.state_shardings)
+        self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), None))
+
+    def _initial_state(self) -> tuple[dict, dict | None]:
+        restored = self.checkpointer.restore_latest(self.abstract_state)
+        if restored is not None:
+            step, state, data_state, _ = restored
+            self._log(f"resuming from checkpoint step {step}")
+            return state, data_state
+        init = jax.jit(lambda: init_train_state(self.parts, self.tx, self.config.train.seed),
+                       out_shardings=self.state_shardings)
+        return init(), None
+
+    def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, local[k])
+                for k in BATCH_KEYS}
+
+    def _abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (self.config.train.batch_size, self.config.data.seq_len)
+        dtypes = {"loss_mask": jnp.float32}
+        return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=self.batch_sharding)
+                for k in BATCH_KEYS}
+
+    def compile_step(self):
+        train = self.config.train
+        step = make_train_step(self.parts, self.tx, self.schedule, micro_batches=train.micro_batches,
+                               z_loss=self.config.optim.z_loss, seed=train.seed)
+        replicated = NamedSharding(self.mesh, P())
+        jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        compiled = jitted.lower(self.abstract_state, self._abstract_batch()).compile()
+        self._log(_memory_line(compiled))
+        return compiled
+
+    def evaluate(self, params: dict, eval_fn, byte_lengths: np.ndarray) -> dict[str, float]:
+        """Held-out loss, perplexity and bits per byte over `train.eval_batches` batches."""
+        data, train = self.config.data, self.config.train
+        per_host = train.batch_size // jax.process_count()
+        dataset = eval_batches(self.eval_sources or self.sources, self.tokenizer,
+                               batch_size=per_host, seq_len=data.seq_len,
+                               holdout_every=0 if self.eval_sources else data.holdout_every,
+                               bad_records=data.bad_records, skipped=self.skipped,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        nll, tokens, nbytes = 0.0, 0.0, 0.0
+        for local in first_batches(dataset, train.eval_batches):
+            out = jax.device_get(eval_fn(params, self._global_batch(local)))
+            nll += float(out["nll_sum"])
+            tokens += float(out["tokens"])
+            nbytes += float((byte_lengths[local["targets"]] * local["loss_mask"]).sum())
+        nbytes *= jax.process_count()  # hosts see equal shares of rows
+        if tokens == 0:
+            return {}
+        loss = nll / tokens
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+                "eval_bits_per_byte": nll / (math.log(2) * max(nbytes, 1.0))}
+
+    def run(self) -> dict[str, Any]:
+        """Train to `train.steps` (resuming if a checkpoint exists); returns the last metrics."""
+        config, train, data = self.config, self.config.train, self.config.data
+        state, data_state = self._initial_state()
+        start = int(jax.device_get(state["step"]))
+        per_host = train.batch_size // jax.process_count()
+        dataset = train_batches(self.sources, self.tokenizer, batch_size=per_host,
+                                seq_len=data.seq_len, seed=data.seed,
+                                holdout_every=0 if self.eval_sources else data.holdout_every,
+                                bad_records=data.bad_records, skipped=self.skipped,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(), num_threads=data.num_threads)
+        iterator = iter(dataset)
+        if data_state:
+            iterator.set_state(data_state)
+        step_fn = self.compile_step()
+        eval_fn = jax.jit(make_eval_step(self.parts),
+                          in_shardings=(self.state_shardings["params"], self.batch_sharding))
+        byte_lengths = token_byte_lengths(self.tokenizer)
+        flops_per_token = summary(self.model_config, seq_len=data.seq_len)["flops_per_token"]
+        peak, peak_source = peak_flops_per_device(self.model_config.dtype)
+        self._log(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+        logger = MetricsLogger(self.workdir, resume_step=start, enabled=self.is_main)
+        meta = {"model": self.model_config.to_dict(), "tokenizer": str(self.tokenizer.model_path),
+                "experiment": config.to_dict()}
+        tokens_per_step = train.batch_size * data.seq_len
+        bar = tqdm(total=train.steps, initial=start, disable=not (self.is_main and train.progress_bar),
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        last = {}
+        tick, tick_step = time.perf_counter(), start
+        try:
+            for step in range(start, train.steps):
+                state, metrics = step_fn(state, self._global_batch(next(iterator)))
+                done = step + 1
+                bar.update(1)
+                log_now = done % train.log_every == 0 or done == train.steps
+                save_now = done % train.checkpoint_every == 0 or done == train.steps
+                eval_now = done % train.eval_every == 0 or done == train.steps
+                if log_now or save_now:
+                    self._check_finite(state)
+                if log_now:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - tick
+                    rate = tokens_per_step * (done - tick_step) / elapsed
+                    last = {k: float(v) for k, v in metrics.items()}
+                    last.update(tokens_per_sec=rate, step_time=elapsed / (done - tick_step),
+                                mfu=rate * flops_per_token / (peak * jax.device_count()),
+                                tokens_seen=done * tokens_per_step,
+                                skipped_records=self.skipped.total,
+                                nonfinite_steps=int(jax.device_get(state["nonfinite"])))
+                    if eval_now:
+                        last.update(self.evaluate(state["params"], eval_fn, byte_lengths))
+                    logger.write(done, last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                    tick, tick_step = time.perf_counter(), done
+                elif eval_now:
+                    logger.write(done, self.evaluate(state["params"], eval_fn, byte_lengths))
+                if save_now:
+                    self.checkpointer.save(done, state, iterator.get_state(), meta)
+        finally:
+            bar.close()
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            logger.close()
+            close = getattr(iterator, "close", None)
+            if close:
+                close()
+        return last
+
+    def _check_finite(self, state: dict) -> None:
+        bad, first = (int(x) for x in jax.device_get((state["nonfinite"], state["first_nonfinite"])))
+        if bad and self.config.train.on_nonfinite == "stop":
+            latest = self.checkpointer.latest_step()
+            saved = "none" if latest is None else f"step {latest}"
+            raise TrainingStopped(
+                f"loss or gradients were not finite at step {first + 1}; stopped without saving "
+                f"(last good checkpoint: {saved}; set train.on_nonfinite=skip to drop such steps)")
+
+    def _log(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _memory_line(compiled) -> str:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return "compiled train step (no memory analysis on this backend)"
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    return (f"compiled train step per device: arguments {gib(analysis.argument_size_in_bytes)}, "
+            f"outputs {gib(analysis.output_size_in_bytes)}, temporaries "
+            f"{gib(analysis.temp_size_in_bytes)}, aliased {gib(analysis.alias_size_in_bytes)}")
