@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
-from typing import Any
+
 
 import jax
 import orbax.checkpoint as ocp
@@ -50,11 +51,20 @@ class Checkpointer:
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
                 reason = " ".join(str(err).split())[:200]
                 fallback = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "starting fresh"
+                kept = self._set_aside(step)
                 print(f"checkpoint step {step} is unreadable ({type(err).__name__}: {reason}); "
-                      f"{fallback}", file=sys.stderr)
+                      f"moved it to {kept.name}; {fallback}", file=sys.stderr)
                 continue
             return step, got["state"], got["data"], got["meta"]
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Rename a damaged step out of orbax's view (kept for inspection, never re-read)."""
+        source = self._manager.directory / str(step)
+        target = source.with_name(f"{step}.unreadable-{int(time.time())}")
+        source.rename(target)
+        self._manager.reload()
+        return target
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -94,8 +104,10 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
         graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
         target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                          nnx.to_pure_dict(params_state))}
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target, strict=False)))["state"]
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=restore_args, partial_restore=True)))["state"]
     model = Transformer(cfg, nnx.Rngs(0))
     nnx.update(model, _as_state(model, restored["params"]))
     tokenizer = meta.get("tokenizer")
@@ -120,6 +132,3 @@ def save_model(workdir: str | Path, model: Transformer, *, step: int = 0,
     return checkpoint_dir(workdir) / str(step)
 
 
-def abstract_of(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays, the restore target."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:size]",
@@ -26,10 +26,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS
                                    "multi-host: this process's index")
 
 
-def _run(argv) -> None:
+def _run(argv, config) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    if config is None or not _WORKDIR.value:
         _fail("both --config=FILE[:size] and --workdir=DIR are required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     import jax
@@ -46,7 +46,7 @@ def _run(argv) -> None:
     from shakti_jax.train.trainer import Trainer, TrainingStopped
 
     try:
-        Trainer(_CONFIG.value, _WORKDIR.value).run()
+        Trainer(config, _WORKDIR.value).run()
     except (ConfigError, DataError, TokenizerError, TrainingStopped, FileNotFoundError) as err:
         _fail(str(err))
 
@@ -58,6 +58,24 @@ def _fail(message: str) -> None:
 
 def main() -> None:
     try:
-        app.run(_run)
-    except flags.Error as err:  # raised before app.run can format it, e.g. a bad override
-        _fail(" ".join(str(err).split()))
+        argv = flags.FLAGS(sys.argv)
+        config = _CONFIG.value
+        if config is not None:
+            config.to_dict()  # a config file that failed to load raises only when read
+    except AttributeError as err:  # ml-collections: an override names a key the config lacks
+        _fail(f"unknown config key {err}; see the experiment file for the available keys")
+    except (flags.Error, OSError, ValueError, TypeError) as err:
+        _fail(_one_line(err))
+    _run(argv, config)
+
+
+def _one_line(err: Exception) -> str:
+    """The first line of a flag error plus, if it wraps a traceback, the final exception line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines[0]
+    head = lines[0].split(": Error whilst")[0]
+    reason = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+    if lines[-1].startswith("[Errno"):  # a config file that cannot be read
+        reason = lines[-1]
+    return f"{head}: {reason}"

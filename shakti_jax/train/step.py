@@ -103,7 +103,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation,
         (g_sum, (nll, z, count)), _ = jax.lax.scan(accumulate, zero, xs)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         loss = nll / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -119,7 +119,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation,
         }
         metrics = {"loss": loss, "z_loss": z / denom, "grad_norm": grad_norm,
                    "learning_rate": schedule(state["step"]), "target_tokens": count,
-                   "param_norm": optax.global_norm(params)}
+                   "param_norm": optax.tree.norm(params)}
         return new_state, metrics
 
     return step

@@ -26,7 +26,7 @@ from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.model_stats import summary
 from shakti_jax.sharding import make_mesh, param_shardings, shardings_like
-from shakti_jax.train.checkpoint import Checkpointer, abstract_of
+from shakti_jax.train.checkpoint import Checkpointer
 from shakti_jax.train.metrics import MetricsLogger, peak_flops_per_device
 from shakti_jax.train.optimizer import make_optimizer
 from shakti_jax.train.step import (BATCH_KEYS, ModelParts, init_train_state, make_eval_step,
@@ -121,12 +121,31 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
+def train_state_layout(parts: ModelParts, tx, mesh, seed: int) -> tuple[dict, dict]:
+    """(shardings, abstract state with those shardings) of the train state on `mesh`: params
+    by the logical-axis rules, optimizer moments like their params, counters replicated."""
+    from flax import nnx
+
+    abstract = jax.eval_shape(lambda: init_train_state(parts, tx, seed))
+    params_sh = nnx.to_pure_dict(param_shardings(parts.abstract_params, mesh))
+    replicated = NamedSharding(mesh, P())
+    shardings = {"step": replicated, "nonfinite": replicated, "first_nonfinite": replicated,
+                 "params": params_sh,
+                 "opt_state": shardings_like(abstract["opt_state"], params_sh, mesh)}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return shardings, abstract
+
+
 class Trainer:
     """Builds everything from an experiment config; `run()` trains to `train.steps`."""
 
     def __init__(self, config: ConfigDict, workdir: str | Path):
         self.config, self.workdir = config, Path(workdir)
-        self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        try:
+            self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        except ValueError as err:
+            raise ConfigError(f"{err} (config keys mesh.data / mesh.fsdp / mesh.tensor)") from None
         batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.model_config = check_config(config, batch_shards)
         self.is_main = jax.process_index() == 0
@@ -144,20 +163,8 @@ class Trainer:
                                          async_save=config.train.async_checkpoints)
 
     def _build_shardings(self) -> None:
-        from flax import nnx
-
-        seed = self.config.train.seed
-        abstract = jax.eval_shape(lambda: init_train_state(self.parts, self.tx, seed))
-        params_sh = nnx.to_pure_dict(param_shardings(self.parts.abstract_params, self.mesh))
-        replicated = NamedSharding(self.mesh, P())
-        self.state_shardings = {
-            "step": replicated, "nonfinite": replicated, "first_nonfinite": replicated,
-            "params": params_sh,
-            "opt_state": shardings_like(abstract["opt_state"], params_sh, self.mesh),
-        }
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract, self.state_shardings)
+        self.state_shardings, self.abstract_state = train_state_layout(
+            self.parts, self.tx, self.mesh, self.config.train.seed)
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), None))
 
     def _initial_state(self) -> tuple[dict, dict | None]:

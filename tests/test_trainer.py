@@ -1,0 +1,177 @@
+"""The training loop end to end: loss falls, kill-and-resume, damaged checkpoints, NaN stops,
+one-line errors, and two processes with jax.distributed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipelines.default_corpus import write_default_corpus
+from data_pipelines.tokenizer import train_tokenizer
+from experiments.pretrain import get_config as experiment
+from shakti_jax.train.checkpoint import load_model
+from shakti_jax.train.metrics import read_metrics
+from shakti_jax.train.trainer import Trainer, TrainingStopped
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    corpus = write_default_corpus(root / "corpus.txt", max_chars=400_000)
+    return str(train_tokenizer([corpus], 512, root / "tok"))
+
+
+def _config(tokenizer_path, **train):
+    c = experiment("tiny")
+    c.data.tokenizer = tokenizer_path
+    c.data.seq_len = 64
+    c.optim.warmup_steps = 4
+    c.train.update({**dict(batch_size=8, steps=20, log_every=1, eval_every=10,
+                            checkpoint_every=5, eval_batches=2, progress_bar=False), **train})
+    return c
+
+
+def _overrides(config):
+    flat = {"data.tokenizer": config.data.tokenizer, "data.seq_len": config.data.seq_len,
+            "optim.warmup_steps": config.optim.warmup_steps}
+    flat.update({f"train.{k}": v for k, v in config.train.items()})
+    return [f"--config.{k}={v}" for k, v in flat.items()]
+
+
+def _cli(workdir, *args, env=None):
+    return [sys.executable, "-m", "shakti_jax.train", "--config=experiments/pretrain.py:tiny",
+            f"--workdir={workdir}", *args]
+
+
+def test_tiny_loss_falls_on_tinyshakespeare(shared_data, tmp_path, tokenizer_path):
+    config = _config(tokenizer_path, steps=60, eval_every=30, checkpoint_every=60)
+    config.data.sources = (f"text:{shared_data / 'pretrain' / 'tinyshakespeare.txt'}",)
+    last = Trainer(config, tmp_path).run()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    first = np.mean([r["loss"] for r in rows[:5]])
+    assert last["loss"] < first - 1.0, (first, last["loss"])
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    for key in ("learning_rate", "grad_norm", "tokens_per_sec", "mfu", "eval_bits_per_byte"):
+        assert np.isfinite(last[key]) and last[key] > 0
+    assert list((tmp_path / "tensorboard").iterdir())
+    loaded = load_model(tmp_path)
+    assert loaded.step == 60 and loaded.config.name == "tiny"
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path, tokenizer_path):
+    config = _config(tokenizer_path, steps=24, checkpoint_every=6, eval_every=12)
+    args = _overrides(config)
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(straight, *args), cwd=REPO_ROOT, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, *args), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill mid-run, past a checkpoint
+        saved = (killed / "checkpoints" / "6").is_dir()  # finalized (renamed) checkpoints only
+        if saved and metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = subprocess.run(_cli(killed, *args), cwd=REPO_ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from checkpoint step" in resumed.stderr
+    want, got = read_metrics(straight), read_metrics(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 25))
+    for key in ("loss", "grad_norm", "eval_loss"):
+        np.testing.assert_array_equal([r.get(key) for r in got], [r.get(key) for r in want])
+
+
+def test_damaged_latest_checkpoint_falls_back(tmp_path, tokenizer_path, capfd):
+    Trainer(_config(tokenizer_path, steps=10), tmp_path).run()
+    latest = tmp_path / "checkpoints" / "10" / "state"
+    for f in latest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    trainer = Trainer(_config(tokenizer_path, steps=12), tmp_path)
+    trainer.run()
+    err = capfd.readouterr().err
+    assert "checkpoint step 10 is unreadable" in err and "trying step 5" in err
+    assert "resuming from checkpoint step 5" in err
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 13))
+
+
+def test_nonfinite_loss_stops_without_saving(tmp_path, tokenizer_path):
+    Trainer(_config(tokenizer_path, steps=5, log_every=5, checkpoint_every=5), tmp_path).run()
+    good = jax.tree.leaves(nnx.state(load_model(tmp_path).model, nnx.Param))
+    config = _config(tokenizer_path, steps=20, log_every=5, checkpoint_every=5)
+    config.optim.lr = 1e30  # the first update overflows the next forward pass
+    config.optim.clip_norm = 0.0
+    with pytest.raises(TrainingStopped, match=r"not finite at step \d+; stopped without saving "
+                                              r"\(last good checkpoint: step 5"):
+        Trainer(config, tmp_path).run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]
+    kept = jax.tree.leaves(nnx.state(load_model(tmp_path).model, nnx.Param))
+    for a, b in zip(kept, good):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [5]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--config.train.batch_size=12"], "train.batch_size=12: each micro-batch of 12 rows must divide"),
+    (["--config.data.seq_len=4096"], "data.seq_len=4096: must be in"),
+    (["--config.data.sources=('jsonl:/no/such.jsonl',)"], "data file /no/such.jsonl does not exist"),
+    (["--config.train.on_nonfinite=ignore"], "train.on_nonfinite='ignore'"),
+    (["--config.model.num_kv_heads=3"], "model.num_heads=4: must be divisible by num_kv_heads=3"),
+    (["--config.train.nope=1"], "unknown config key"),
+    (["--config.mesh.data=3"], "mesh data=3 x fsdp=1 x tensor=1 != 8 devices"),
+])
+def test_bad_configs_fail_in_one_line_before_compiling(tmp_path, tokenizer_path, override, message):
+    result = subprocess.run(_cli(tmp_path, f"--config.data.tokenizer={tokenizer_path}", *override),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "Warning" not in l
+             and not l.startswith("  warnings.warn")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_sharded_model(tmp_path, tokenizer_path):
+    """Two jax.distributed processes with 2 CPU devices each form one (data=2, fsdp=2) mesh.
+
+    Each host reads its own half of the documents, so the batches (and losses) differ from a
+    one-process run; what must hold is that the 4-device step runs, learns, and checkpoints.
+    """
+    config = _config(tokenizer_path, steps=8, checkpoint_every=4, eval_every=4)
+    args = [*_overrides(config), "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = _free_port()
+    procs = [subprocess.Popen(_cli(tmp_path, *args, f"--coordinator_address=127.0.0.1:{port}",
+                                   "--num_processes=2", f"--process_id={i}"),
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < rows[0]["loss"] and np.isfinite(rows[-1]["eval_loss"])
+    loaded = load_model(tmp_path)
+    assert loaded.step == 8
