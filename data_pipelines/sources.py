@@ -275,6 +275,7 @@ class TfdsSource:
                  from_dir: bool = False):
         import tensorflow_datasets as tfds
 
+        import data_pipelines.tfds_corpus  # noqa: F401  registers shakti_corpus for data_source
         self._name, self._field, self._split = name, field, split
         try:
             if from_dir:
@@ -283,7 +284,7 @@ class TfdsSource:
                 self._source = tfds.data_source(name, split=split, data_dir=data_dir,
                                                 download=False)
         except Exception as err:  # tfds raises many types; all mean "cannot open this"
-            reason = " ".join(str(err).split())[:300]
+            reason = " ".join(str(err).split()).split(" Available datasets")[0][:300]
             raise DataError(f"tfds dataset {name!r} split {split!r}: {reason}") from None
 
     def __len__(self) -> int:

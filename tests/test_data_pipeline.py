@@ -151,3 +151,20 @@ def test_shared_pretraining_text(shared_data, tokenizer):
     assert len(sources[0][1]) > 1000
     batch = next(iter(train_batches(sources, tokenizer, batch_size=2, seq_len=128, seed=0)))
     assert batch["loss_mask"].mean() > 0.9
+
+
+def test_local_tfds_builder_round_trip(tmp_path, tokenizer):
+    from data_pipelines.tfds_corpus import prepare_corpus
+
+    _write(tmp_path / "a.jsonl", '{"text": "one doc"}\nnot json\n{"text": "two doc"}\n')
+    builder = prepare_corpus("unit", [f"jsonl:{tmp_path / 'a.jsonl'}"], str(tmp_path / "tfds"))
+    assert builder.skipped == {"invalid JSON (Expecting value)": 1}
+    by_name = open_source(f"tfds:shakti_corpus/unit?data_dir={tmp_path / 'tfds'}")
+    by_dir = open_source(f"tfds_dir:{builder.data_dir}")
+    for docs in (by_name, by_dir):
+        assert sorted(docs[i].text for i in range(len(docs))) == ["one doc", "two doc"]
+    batch = next(iter(train_batches([(SourceSpec.parse("tfds_dir:x"), by_dir)], tokenizer,
+                                    batch_size=1, seq_len=8, seed=0)))
+    assert batch["inputs"].shape == (1, 8)
+    with pytest.raises(DataError, match="tfds dataset 'missing_ds' split 'train'"):
+        open_source(f"tfds:missing_ds?data_dir={tmp_path / 'tfds'}")
