@@ -181,6 +181,8 @@ def load_model(model_name: str, seed: int = 0, **overrides) -> Transformer:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="named model size (random init)")
+    parser.add_argument("--checkpoint", help="training workdir: generate from its newest "
+                                             "checkpoint (and its tokenizer) instead of --model")
     parser.add_argument("--tokenizer", help="sentencepiece .model for text prompts")
     parser.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     parser.add_argument("--prompt_ids", action="append", default=[],
@@ -211,6 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_cli(args):
+    if args.checkpoint:
+        from shakti_jax.train.checkpoint import load_model as load_checkpoint
+
+        loaded = load_checkpoint(args.checkpoint)
+        model = loaded.model
+        args.tokenizer = args.tokenizer or (str(loaded.tokenizer_path) if loaded.tokenizer_path else None)
+    else:
+        model = load_model(args.model, args.seed, dtype=args.dtype)
     tokenizer = None
     if args.tokenizer:
         from data_pipelines.tokenizer import Tokenizer
@@ -226,7 +236,6 @@ def _run_cli(args):
             raise ValueError(f"--prompt_ids {ids!r} is not a comma-separated list of integers") from None
     if not prompts:
         raise ValueError("give at least one --prompt or --prompt_ids")
-    model = load_model(args.model, args.seed, dtype=args.dtype)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} pieces but "
                          f"model.vocab_size={model.cfg.vocab_size}")
