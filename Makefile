@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test test-fast bench-decode clean
+.PHONY: demo test test-fast bench-decode bench-train bench-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test-fast: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(PY) -m benchmarks.decode
+
+bench-train: $(STAMP)
+	$(PY) -m benchmarks.train_throughput
+
+bench-data: $(STAMP)
+	$(PY) -m benchmarks.data_pipeline
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

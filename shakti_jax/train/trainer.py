@@ -79,7 +79,7 @@ def prepare_tokenizer(config: ConfigDict, workdir: Path, sources, vocab_size: in
         path = workdir / "tokenizer.model"
         if not path.exists():
             corpus = workdir / "tokenizer_corpus.txt"
-            _write_corpus_sample(sources, corpus)
+            write_corpus_sample(sources, corpus)
             train_tokenizer([corpus], vocab_size, workdir / "tokenizer")
             corpus.unlink()
         tokenizer = Tokenizer.load(path)
@@ -89,7 +89,7 @@ def prepare_tokenizer(config: ConfigDict, workdir: Path, sources, vocab_size: in
     return tokenizer
 
 
-def _write_corpus_sample(sources, path: Path, max_chars: int = 5_000_000) -> None:
+def write_corpus_sample(sources, path: Path, max_chars: int = 5_000_000) -> None:
     """The first documents of each source (in file order), up to `max_chars` in total."""
     path.parent.mkdir(parents=True, exist_ok=True)
     budget = max_chars // len(sources)

@@ -1,0 +1,106 @@
+"""Training throughput: tokens/s, step time, MFU and peak memory of the real sharded step.
+
+    python -m benchmarks.train_throughput [--models tiny shakti_100m] [--seq_len 512]
+                                          [--batch 8] [--steps 5] [--dtype float32]
+
+Random tokens, the same jitted step (AdamW, donation, shardings over a mesh of every local
+device, FSDP) that `python -m shakti_jax.train` runs. Timing excludes compilation and
+counts steps only after a warm-up step. MFU uses the FLOPs of `shakti_jax.info` at this
+sequence length against the device's peak (or, on CPUs, a matmul rate measured here).
+Peak memory: the accelerator's allocator peak, or on CPU the compiled step's buffers and
+the process's maximum resident set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments.pretrain import get_config as experiment
+from shakti_jax.config import get_config
+from shakti_jax.model_stats import summary
+from shakti_jax.sharding import make_mesh
+from shakti_jax.train.metrics import peak_flops_per_device
+from shakti_jax.train.optimizer import make_optimizer
+from shakti_jax.train.step import ModelParts, init_train_state, make_train_step
+from shakti_jax.train.trainer import train_state_layout
+
+
+def measure_training(model: str, *, batch: int, seq_len: int, steps: int, dtype: str,
+                     micro_batches: int = 1) -> dict:
+    """Post-compile throughput of `steps` optimizer steps on random tokens."""
+    cfg = get_config(model, dtype=dtype, dropout_rate=0.0)
+    tx, schedule = make_optimizer(experiment("tiny").optim, 1000)
+    parts = ModelParts.build(cfg, seed=0)
+    mesh = make_mesh(data=1, fsdp=-1)
+    shardings, abstract = train_state_layout(parts, tx, mesh, seed=0)
+    state = jax.jit(lambda: init_train_state(parts, tx, 0), out_shardings=shardings)()
+    batch_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, cfg.vocab_size, size=(batch, seq_len + 1)).astype(np.int32)
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((batch, seq_len), np.float32),
+            "segment_ids": np.ones((batch, seq_len), np.int32),
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len))}
+    data = {k: jax.device_put(v, batch_sh) for k, v in data.items()}
+    step = jax.jit(make_train_step(parts, tx, schedule, micro_batches=micro_batches),
+                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                   donate_argnums=0)
+    compiled = step.lower(abstract, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+                                     for k, v in data.items()}).compile()
+    state, metrics = compiled(state, data)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    step_time = (time.perf_counter() - start) / steps
+    tokens_per_sec = batch * seq_len / step_time
+    peak, peak_source = peak_flops_per_device(dtype)
+    flops = summary(cfg, seq_len=seq_len)["flops_per_token"]
+    stats = jax.devices()[0].memory_stats() or {}
+    analysis = compiled.memory_analysis()
+    step_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                  + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes) if analysis else 0
+    return {"model": model, "params": summary(cfg)["total_params"], "batch": batch,
+            "seq_len": seq_len, "step_time": step_time, "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * flops / (peak * jax.device_count()), "peak_source": peak_source,
+            "peak_device_bytes": stats.get("peak_bytes_in_use"), "step_buffer_bytes": step_bytes,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "loss": float(metrics["loss"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "shakti_100m"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--micro_batches", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"{platform.processor() or platform.machine()}, jax {jax.__version__}, {args.dtype}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"batch {args.batch} x seq {args.seq_len}, {args.steps} timed steps after 1 warm-up\n")
+    print("| model | params | tokens/s | step time | MFU | peak memory |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models:
+        r = measure_training(model, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                             dtype=args.dtype, micro_batches=args.micro_batches)
+        memory = (f"{r['peak_device_bytes'] / 2**30:.2f} GiB device" if r["peak_device_bytes"]
+                  else f"{r['step_buffer_bytes'] / 2**30:.2f} GiB step buffers, "
+                       f"{r['max_rss_bytes'] / 2**30:.2f} GiB max RSS")
+        print(f"| {model} | {r['params'] / 1e6:.1f}M | {r['tokens_per_sec']:,.0f} | "
+              f"{r['step_time'] * 1e3:,.0f} ms | {r['mfu']:.1%} | {memory} |", flush=True)
+    print(f"\nMFU denominator: {r['peak_source']}")
+
+
+if __name__ == "__main__":
+    main()
