@@ -28,7 +28,7 @@ from shakti_jax.model_stats import summary
 from shakti_jax.sharding import make_mesh
 from shakti_jax.train.metrics import peak_flops_per_device
 from shakti_jax.train.optimizer import make_optimizer
-from shakti_jax.train.step import ModelParts, init_train_state, make_train_step
+from shakti_jax.train.step import ModelParts, init_train_state, lm_objective, make_train_step
 from shakti_jax.train.trainer import train_state_layout
 
 
@@ -49,7 +49,7 @@ def measure_training(model: str, *, batch: int, seq_len: int, steps: int, dtype:
             "segment_ids": np.ones((batch, seq_len), np.int32),
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len))}
     data = {k: jax.device_put(v, batch_sh) for k, v in data.items()}
-    step = jax.jit(make_train_step(parts, tx, schedule, micro_batches=micro_batches),
+    step = jax.jit(make_train_step(parts, tx, schedule, lm_objective(parts), micro_batches=micro_batches),
                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                    donate_argnums=0)
     compiled = step.lower(abstract, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)

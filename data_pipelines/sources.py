@@ -51,10 +51,10 @@ class SourceSpec:
     weight: float = 1.0
 
     @classmethod
-    def parse(cls, spec: str) -> SourceSpec:
+    def parse(cls, spec: str, kinds: tuple[str, ...] = KINDS) -> SourceSpec:
         kind, sep, rest = spec.partition(":")
-        if not sep or kind not in KINDS:
-            raise DataError(f"data source {spec!r}: expected KIND:PATH with KIND one of {KINDS}")
+        if not sep or kind not in kinds:
+            raise DataError(f"data source {spec!r}: expected KIND:PATH with KIND one of {kinds}")
         path, _, query = rest.partition("?")
         options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False))
         try:

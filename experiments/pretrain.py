@@ -29,6 +29,7 @@ def get_config(size: str = "tiny") -> ConfigDict:
     seq_len, batch, steps, lr, warmup, micro = _SIZES[size]
     tiny = size == "tiny"
     c = ConfigDict()
+    c.stage = "pretrain"
     c.model = model_config(size, dtype="float32" if tiny else "bfloat16").to_dict()
 
     c.data = ConfigDict()
@@ -55,6 +56,7 @@ def get_config(size: str = "tiny") -> ConfigDict:
     c.train.async_checkpoints = True
     c.train.on_nonfinite = "stop"  # or "skip": drop the update and carry on
     c.train.progress_bar = True
+    c.train.init_from = ""  # a previous stage's workdir (SFT, DPO); params only, any mesh
 
     c.optim = ConfigDict()
     c.optim.lr = lr

@@ -14,7 +14,7 @@ from shakti_jax.config import get_config
 from shakti_jax.sharding import make_mesh
 from shakti_jax.train.losses import lm_loss_sums
 from shakti_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from shakti_jax.train.step import ModelParts, init_train_state, make_train_step
+from shakti_jax.train.step import ModelParts, init_train_state, lm_objective, make_train_step
 from shakti_jax.train.trainer import train_state_layout
 
 
@@ -86,7 +86,7 @@ def _run_steps(mesh_axes, micro_batches=1, steps=2):
     shardings, abstract = train_state_layout(parts, tx, mesh, seed=0)
     state = jax.jit(lambda: init_train_state(parts, tx, 0), out_shardings=shardings)()
     batch_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
-    step = jax.jit(make_train_step(parts, tx, schedule, micro_batches=micro_batches),
+    step = jax.jit(make_train_step(parts, tx, schedule, lm_objective(parts), micro_batches=micro_batches),
                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                    donate_argnums=0)
     losses = []
@@ -135,7 +135,7 @@ def test_nonfinite_step_keeps_params():
     before = jax.tree.map(np.asarray, state["params"])
     batch = _batch(cfg)
     batch["loss_mask"] = batch["loss_mask"] * np.float32("nan")
-    state, metrics = jax.jit(make_train_step(parts, tx, schedule))(state, batch)
+    state, metrics = jax.jit(make_train_step(parts, tx, schedule, lm_objective(parts)))(state, batch)
     assert not np.isfinite(float(metrics["loss"]))
     assert int(state["nonfinite"]) == 1 and int(state["first_nonfinite"]) == 0
     assert int(state["step"]) == 1

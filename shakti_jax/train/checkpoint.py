@@ -114,6 +114,38 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
     return LoadedModel(cfg, model, step, Path(tokenizer) if tokenizer else None)
 
 
+def read_meta(workdir: str | Path) -> dict:
+    """The `meta` item (model config, tokenizer, step) of a workdir's newest checkpoint."""
+    directory = checkpoint_dir(workdir)
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoints under {directory}")
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_params(workdir: str | Path, abstract_params: dict) -> tuple[dict, dict]:
+    """(params laid out as `abstract_params` (shapes, dtypes, shardings), meta) of a workdir's
+    newest checkpoint: initialises a later stage from an earlier one, on any mesh."""
+    directory = checkpoint_dir(workdir)
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoints under {directory} (train.init_from)")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                    abstract_params)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                {"params": abstract_params}, restore_args={"params": restore_args},
+                partial_restore=True)))["state"]
+        except (ValueError, KeyError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise FileNotFoundError(f"checkpoint {directory / str(step)} does not fit this model "
+                                    f"(train.init_from): {reason}") from None
+    return restored["params"], meta
+
+
 def _as_state(model: Transformer, params: dict) -> nnx.State:
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)

@@ -20,17 +20,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from data_pipelines.pipeline import (SkippedRecords, eval_batches, first_batches, open_sources,
-                                     train_batches)
+from data_pipelines.pipeline import SkippedRecords, first_batches, open_sources
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.model_stats import summary
 from shakti_jax.sharding import make_mesh, param_shardings, shardings_like
-from shakti_jax.train.checkpoint import Checkpointer
+from shakti_jax.train.checkpoint import Checkpointer, restore_params
 from shakti_jax.train.metrics import MetricsLogger, peak_flops_per_device
 from shakti_jax.train.optimizer import make_optimizer
-from shakti_jax.train.step import (BATCH_KEYS, ModelParts, init_train_state, make_eval_step,
-                                   make_train_step)
+from shakti_jax.train.step import ModelParts, init_train_state, make_eval_step, make_train_step
+from shakti_jax.train.tasks import DPOTask, make_task
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -105,33 +104,22 @@ def write_corpus_sample(sources, path: Path, max_chars: int = 5_000_000) -> None
                     break
 
 
-def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token stands for (byte pieces 1, control and chat tokens 0)."""
-    lengths = np.zeros(tokenizer.vocab_size, np.int64)
-    special = set(tokenizer.chat_token_ids.values()) | {tokenizer.bos_id, tokenizer.eos_id,
-                                                         tokenizer.pad_id, tokenizer.unk_id}
-    for i in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_piece(i)
-        if i in special:
-            continue
-        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            lengths[i] = 1
-        else:
-            lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-    return lengths
-
-
-def train_state_layout(parts: ModelParts, tx, mesh, seed: int) -> tuple[dict, dict]:
+def train_state_layout(parts: ModelParts, tx, mesh, seed: int,
+                       with_reference: bool = False) -> tuple[dict, dict]:
     """(shardings, abstract state with those shardings) of the train state on `mesh`: params
-    by the logical-axis rules, optimizer moments like their params, counters replicated."""
+    (and a DPO reference) by the logical-axis rules, optimizer moments like their params,
+    counters replicated."""
     from flax import nnx
 
-    abstract = jax.eval_shape(lambda: init_train_state(parts, tx, seed))
+    abstract = jax.eval_shape(lambda: init_train_state(parts, tx, seed,
+                                                       with_reference=with_reference))
     params_sh = nnx.to_pure_dict(param_shardings(parts.abstract_params, mesh))
     replicated = NamedSharding(mesh, P())
     shardings = {"step": replicated, "nonfinite": replicated, "first_nonfinite": replicated,
                  "params": params_sh,
                  "opt_state": shardings_like(abstract["opt_state"], params_sh, mesh)}
+    if with_reference:
+        shardings["reference"] = params_sh
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return shardings, abstract
@@ -146,26 +134,29 @@ class Trainer:
             self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         except ValueError as err:
             raise ConfigError(f"{err} (config keys mesh.data / mesh.fsdp / mesh.tensor)") from None
-        batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.model_config = check_config(config, batch_shards)
+        stage = config.get("stage", "pretrain")
+        self.model_config = check_config(config, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.is_main = jax.process_index() == 0
         self.workdir.mkdir(parents=True, exist_ok=True)
-        data = config.data
-        self.sources = open_sources(list(data.sources))
-        self.eval_sources = open_sources(list(data.eval_sources)) if data.eval_sources else None
-        self.tokenizer = prepare_tokenizer(config, self.workdir, self.sources,
-                                           self.model_config.vocab_size)
         self.skipped = SkippedRecords()
+        init_from = config.train.get("init_from", "")
+        sources = None
+        if stage == "pretrain" and not config.data.tokenizer:
+            sources = open_sources(list(config.data.sources))
+            self.tokenizer = prepare_tokenizer(config, self.workdir, sources,
+                                               self.model_config.vocab_size)
+        else:
+            self.tokenizer = _stage_tokenizer(config, init_from, self.model_config.vocab_size)
+        self.task = make_task(config, self.tokenizer, self.skipped, sources)
+        if stage == "dpo" and not self.task.uses_reference_params and jax.process_count() > 1:
+            raise ConfigError("dpo.reference='precomputed' runs on one process; use 'memory'")
         self.parts = ModelParts.build(self.model_config, config.train.seed)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
-        self._build_shardings()
+        self.state_shardings, self.abstract_state = train_state_layout(
+            self.parts, self.tx, self.mesh, config.train.seed, self.task.uses_reference_params)
+        self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
         self.checkpointer = Checkpointer(self.workdir, keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpoints)
-
-    def _build_shardings(self) -> None:
-        self.state_shardings, self.abstract_state = train_state_layout(
-            self.parts, self.tx, self.mesh, self.config.train.seed)
-        self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), None))
 
     def _initial_state(self) -> tuple[dict, dict | None]:
         restored = self.checkpointer.restore_latest(self.abstract_state)
@@ -173,24 +164,31 @@ class Trainer:
             step, state, data_state, _ = restored
             self._log(f"resuming from checkpoint step {step}")
             return state, data_state
-        init = jax.jit(lambda: init_train_state(self.parts, self.tx, self.config.train.seed),
+        seed, with_ref = self.config.train.seed, self.task.uses_reference_params
+        init_from = self.config.train.get("init_from", "")
+        if init_from:
+            params, meta = restore_params(init_from, self.abstract_state["params"])
+            self._log(f"initialised from {init_from} (step {meta['step']})")
+            init = jax.jit(lambda p: init_train_state(self.parts, self.tx, seed, params=p,
+                                                      with_reference=with_ref),
+                           out_shardings=self.state_shardings, donate_argnums=0)
+            return init(params), None
+        init = jax.jit(lambda: init_train_state(self.parts, self.tx, seed, with_reference=with_ref),
                        out_shardings=self.state_shardings)
         return init(), None
 
     def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, local[k])
-                for k in BATCH_KEYS}
+                for k in self.task.batch_layout(1)}
 
     def _abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-        shape = (self.config.train.batch_size, self.config.data.seq_len)
-        dtypes = {"loss_mask": jnp.float32}
-        return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=self.batch_sharding)
-                for k in BATCH_KEYS}
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+                for k, (shape, dtype) in self.task.batch_layout(self.config.train.batch_size).items()}
 
     def compile_step(self):
         train = self.config.train
-        step = make_train_step(self.parts, self.tx, self.schedule, micro_batches=train.micro_batches,
-                               z_loss=self.config.optim.z_loss, seed=train.seed)
+        step = make_train_step(self.parts, self.tx, self.schedule, self.task.objective(self.parts),
+                               micro_batches=train.micro_batches, seed=train.seed)
         replicated = NamedSharding(self.mesh, P())
         jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=0)
@@ -198,55 +196,66 @@ class Trainer:
         self._log(_memory_line(compiled))
         return compiled
 
-    def evaluate(self, params: dict, eval_fn, byte_lengths: np.ndarray) -> dict[str, float]:
-        """Held-out loss, perplexity and bits per byte over `train.eval_batches` batches."""
-        data, train = self.config.data, self.config.train
-        per_host = train.batch_size // jax.process_count()
-        dataset = eval_batches(self.eval_sources or self.sources, self.tokenizer,
-                               batch_size=per_host, seq_len=data.seq_len,
-                               holdout_every=0 if self.eval_sources else data.holdout_every,
-                               bad_records=data.bad_records, skipped=self.skipped,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-        nll, tokens, nbytes = 0.0, 0.0, 0.0
-        for local in first_batches(dataset, train.eval_batches):
-            out = jax.device_get(eval_fn(params, self._global_batch(local)))
-            nll += float(out["nll_sum"])
-            tokens += float(out["tokens"])
-            nbytes += float((byte_lengths[local["targets"]] * local["loss_mask"]).sum())
-        nbytes *= jax.process_count()  # hosts see equal shares of rows
-        if tokens == 0:
-            return {}
-        loss = nll / tokens
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-                "eval_bits_per_byte": nll / (math.log(2) * max(nbytes, 1.0))}
+    def _eval_fn(self):
+        reference_sh = self.state_shardings.get("reference")
+        return jax.jit(make_eval_step(self.task.objective(self.parts)),
+                       in_shardings=(self.state_shardings["params"], reference_sh,
+                                     self.batch_sharding))
+
+    def evaluate(self, state: dict, eval_fn) -> dict[str, float]:
+        """The task's held-out metrics over up to `train.eval_batches` batches."""
+        per_host = self.config.train.batch_size // jax.process_count()
+        dataset = self.task.eval_dataset(per_host, jax.process_index(), jax.process_count())
+        totals, count = {}, 0.0
+        for local in first_batches(dataset, self.config.train.eval_batches):
+            sums, n = jax.device_get(eval_fn(state["params"], state.get("reference"),
+                                             self._global_batch(local)))
+            host = {k: v * jax.process_count() for k, v in self.task.host_sums(local).items()}
+            for k, v in {**sums, **host}.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += float(n)
+        return self.task.eval_summary(totals, count) if count else {}
+
+    def precompute_reference(self, params: dict) -> None:
+        """DPO with `dpo.reference=precomputed`: log-probs of every pair under the starting
+        params, computed once and stored in WORKDIR/reference_logps.npy."""
+        path = self.workdir / "reference_logps.npy"
+        if path.exists():
+            self.task.reference_table = np.load(path)
+            return
+        self._log("precomputing reference log-probs of every pair")
+        logps = jax.jit(lambda p, b: _pair_logps(self.parts, p, b))  # one process: plain jit
+        table = np.full((len(self.task.pairs), 2), np.nan, np.float32)
+        parts = ("train", "eval") if self.config.data.holdout_every else ("train",)
+        for part in parts:
+            for local in self.task.all_pairs_dataset(self.config.train.batch_size, part):
+                batch = {k: local[k] for k in ("inputs", "targets", "loss_mask", "segment_ids",
+                                               "positions")}
+                chosen, rejected = np.asarray(jax.device_get(logps(params, batch)))
+                table[local["index"], 0], table[local["index"], 1] = chosen, rejected
+        _save_atomic(path, table)
+        self.task.reference_table = table
 
     def run(self) -> dict[str, Any]:
         """Train to `train.steps` (resuming if a checkpoint exists); returns the last metrics."""
         config, train, data = self.config, self.config.train, self.config.data
         state, data_state = self._initial_state()
+        if isinstance(self.task, DPOTask) and not self.task.uses_reference_params:
+            self.precompute_reference(state["params"])
         start = int(jax.device_get(state["step"]))
         per_host = train.batch_size // jax.process_count()
-        dataset = train_batches(self.sources, self.tokenizer, batch_size=per_host,
-                                seq_len=data.seq_len, seed=data.seed,
-                                holdout_every=0 if self.eval_sources else data.holdout_every,
-                                bad_records=data.bad_records, skipped=self.skipped,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count(), num_threads=data.num_threads)
-        iterator = iter(dataset)
+        iterator = iter(self.task.train_dataset(per_host, jax.process_index(), jax.process_count()))
         if data_state:
             iterator.set_state(data_state)
         step_fn = self.compile_step()
-        eval_fn = jax.jit(make_eval_step(self.parts),
-                          in_shardings=(self.state_shardings["params"], self.batch_sharding))
-        byte_lengths = token_byte_lengths(self.tokenizer)
+        eval_fn = self._eval_fn()
         flops_per_token = summary(self.model_config, seq_len=data.seq_len)["flops_per_token"]
         peak, peak_source = peak_flops_per_device(self.model_config.dtype)
         self._log(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
         logger = MetricsLogger(self.workdir, resume_step=start, enabled=self.is_main)
         meta = {"model": self.model_config.to_dict(), "tokenizer": str(self.tokenizer.model_path),
                 "experiment": config.to_dict()}
-        tokens_per_step = train.batch_size * data.seq_len
+        tokens_per_step = train.batch_size * self.task.rows_per_example * data.seq_len
         bar = tqdm(total=train.steps, initial=start, disable=not (self.is_main and train.progress_bar),
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         last = {}
@@ -261,23 +270,24 @@ class Trainer:
                 eval_now = done % train.eval_every == 0 or done == train.steps
                 if log_now or save_now:
                     self._check_finite(state)
+                row = {}
                 if log_now:
-                    metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - tick
                     rate = tokens_per_step * (done - tick_step) / elapsed
-                    last = {k: float(v) for k, v in metrics.items()}
-                    last.update(tokens_per_sec=rate, step_time=elapsed / (done - tick_step),
-                                mfu=rate * flops_per_token / (peak * jax.device_count()),
-                                tokens_seen=done * tokens_per_step,
-                                skipped_records=self.skipped.total,
-                                nonfinite_steps=int(jax.device_get(state["nonfinite"])))
-                    if eval_now:
-                        last.update(self.evaluate(state["params"], eval_fn, byte_lengths))
-                    logger.write(done, last)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    row.update(tokens_per_sec=rate, step_time=elapsed / (done - tick_step),
+                               mfu=rate * flops_per_token / (peak * jax.device_count()),
+                               tokens_seen=done * tokens_per_step,
+                               skipped_records=self.skipped.total,
+                               trimmed_prompt_tokens=self.skipped.trimmed_tokens,
+                               nonfinite_steps=int(jax.device_get(state["nonfinite"])))
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
                     tick, tick_step = time.perf_counter(), done
-                elif eval_now:
-                    logger.write(done, self.evaluate(state["params"], eval_fn, byte_lengths))
+                if eval_now:
+                    row.update(self.evaluate(state, eval_fn))
+                if row:
+                    logger.write(done, row)
+                    last = row
                 if save_now:
                     self.checkpointer.save(done, state, iterator.get_state(), meta)
         finally:
@@ -302,6 +312,37 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self.is_main:
             print(message, file=sys.stderr, flush=True)
+
+
+def _stage_tokenizer(config: ConfigDict, init_from: str, vocab_size: int) -> Tokenizer:
+    """data.tokenizer, else the tokenizer recorded in the init_from checkpoint."""
+    path = config.data.tokenizer
+    if not path and init_from:
+        from shakti_jax.train.checkpoint import read_meta
+
+        path = read_meta(init_from).get("tokenizer") or ""
+    if not path:
+        raise ConfigError("data.tokenizer is empty and train.init_from names no checkpoint "
+                          "with a tokenizer; set one of them")
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} pieces ({path})")
+    return tokenizer
+
+
+def _pair_logps(parts: ModelParts, params: dict, batch: dict) -> jax.Array:
+    from shakti_jax.train.dpo import sequence_logps
+
+    logits = parts.model(params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return sequence_logps(logits, batch["targets"], batch["loss_mask"]).reshape(2, -1)
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
 
 
 def _memory_line(compiled) -> str:
