@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
               "__pycache__"}
 _MIN_CHARS = 40
@@ -69,3 +71,45 @@ def write_default_corpus(path: str | Path, max_chars: int = 2_000_000) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def default_instructions(max_items: int = 4000) -> list[dict[str, str]]:
+    """Embedded instruction data: "What does module.function do?" -> its docstring summary.
+
+    Public functions of the standard library with a one-line summary, in sorted file order.
+    """
+    items, seen = [], set()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_sources():
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            summary = doc.strip().split("\n\n")[0].replace("\n", " ") if doc else ""
+            name = f"{module}.{node.name}"
+            if 20 <= len(summary) <= 200 and name not in seen:
+                seen.add(name)
+                items.append({"prompt": f"What does {name} do?", "completion": summary})
+                if len(items) >= max_items:
+                    return items
+    return items
+
+
+def default_preference_pairs(max_items: int = 4000, seed: int = 0) -> list[dict[str, str]]:
+    """Embedded preference pairs: a function's summary (chosen) against the same words in a
+    shuffled order (rejected), so a held-out pair's two replies share their vocabulary and
+    only fluency tells them apart."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for item in default_instructions(max_items):
+        words = item["completion"].split()
+        shuffled = " ".join(words[i] for i in rng.permutation(len(words)))
+        if shuffled != " ".join(words):
+            pairs.append({"prompt": item["prompt"], "chosen": item["completion"],
+                          "rejected": shuffled})
+    return pairs

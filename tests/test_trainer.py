@@ -58,11 +58,11 @@ def test_tiny_loss_falls_on_tinyshakespeare(shared_data, tmp_path, tokenizer_pat
     config.data.sources = (f"text:{shared_data / 'pretrain' / 'tinyshakespeare.txt'}",)
     last = Trainer(config, tmp_path).run()
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 61))
-    first = np.mean([r["loss"] for r in rows[:5]])
+    assert [r["step"] for r in rows] == list(range(0, 61))  # step 0: held-out eval only
+    first = np.mean([r["loss"] for r in rows[1:6]])
     assert last["loss"] < first - 1.0, (first, last["loss"])
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert len(evals) == 2 and evals[1] < evals[0]
+    assert len(evals) == 3 and evals[2] < evals[1] < evals[0]
     for key in ("learning_rate", "grad_norm", "tokens_per_sec", "mfu", "eval_bits_per_byte"):
         assert np.isfinite(last[key]) and last[key] > 0
     assert list((tmp_path / "tensorboard").iterdir())
@@ -92,7 +92,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, tokenizer_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from checkpoint step" in resumed.stderr
     want, got = read_metrics(straight), read_metrics(killed)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 25))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(0, 25))
     for key in ("loss", "grad_norm", "eval_loss"):
         np.testing.assert_array_equal([r.get(key) for r in got], [r.get(key) for r in want])
 
@@ -108,7 +108,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, tokenizer_path, capfd):
     err = capfd.readouterr().err
     assert "checkpoint step 10 is unreadable" in err and "trying step 5" in err
     assert "resuming from checkpoint step 5" in err
-    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(0, 13))
 
 
 def test_nonfinite_loss_stops_without_saving(tmp_path, tokenizer_path):
@@ -124,7 +124,7 @@ def test_nonfinite_loss_stops_without_saving(tmp_path, tokenizer_path):
     kept = jax.tree.leaves(nnx.state(load_model(tmp_path).model, nnx.Param))
     for a, b in zip(kept, good):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert [r["step"] for r in read_metrics(tmp_path)] == [5]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 5]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -171,7 +171,7 @@ def test_two_processes_train_a_sharded_model(tmp_path, tokenizer_path):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 9))
-    assert rows[-1]["loss"] < rows[0]["loss"] and np.isfinite(rows[-1]["eval_loss"])
+    assert [r["step"] for r in rows] == list(range(0, 9))
+    assert rows[-1]["loss"] < rows[1]["loss"] and np.isfinite(rows[-1]["eval_loss"])
     loaded = load_model(tmp_path)
     assert loaded.step == 8

@@ -259,6 +259,8 @@ class Trainer:
         bar = tqdm(total=train.steps, initial=start, disable=not (self.is_main and train.progress_bar),
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         last = {}
+        if start == 0:  # the starting point of every curve: held-out metrics before step 1
+            logger.write(0, self.evaluate(state, eval_fn))
         tick, tick_step = time.perf_counter(), start
         try:
             for step in range(start, train.steps):
