@@ -10,11 +10,12 @@ import ast
 import inspect
 import os
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from data_pipelines.atomic import write_atomic
 
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
               "__pycache__"}
@@ -60,17 +61,7 @@ def write_default_corpus(path: str | Path, max_chars: int = 2_000_000) -> Path:
     """Write the default corpus as UTF-8, atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = default_corpus_text(max_chars)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, default_corpus_text(max_chars).encode("utf-8"))
 
 
 def default_instructions(max_items: int = 4000) -> list[dict[str, str]]:

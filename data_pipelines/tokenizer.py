@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import sentencepiece as spm
 
+from data_pipelines.atomic import write_atomic
 from shakti_jax.cli import ArgumentParser, fail
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -94,21 +93,8 @@ def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_pref
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     # .vocab first: a .model that exists is always complete and matches its .vocab.
-    _write_atomic(Path(f"{out_prefix}.vocab"), vocab.encode("utf-8"))
-    return _write_atomic(Path(f"{out_prefix}.model"), model.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    write_atomic(Path(f"{out_prefix}.vocab"), vocab.encode("utf-8"))
+    return write_atomic(Path(f"{out_prefix}.model"), model.getvalue())
 
 
 def _training_error(err: RuntimeError, inputs: list[Path], vocab_size: int) -> TokenizerError:

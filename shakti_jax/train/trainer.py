@@ -7,7 +7,7 @@ of an uninterrupted one.
 
 from __future__ import annotations
 
-import math
+import io
 import sys
 import time
 from pathlib import Path
@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from data_pipelines.atomic import write_atomic
 from data_pipelines.pipeline import SkippedRecords, first_batches, open_sources
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from shakti_jax.config import ConfigError, ModelConfig
@@ -233,7 +234,9 @@ class Trainer:
                                                "positions")}
                 chosen, rejected = np.asarray(jax.device_get(logps(params, batch)))
                 table[local["index"], 0], table[local["index"], 1] = chosen, rejected
-        _save_atomic(path, table)
+        buffer = io.BytesIO()
+        np.save(buffer, table)
+        write_atomic(path, buffer.getvalue())
         self.task.reference_table = table
 
     def run(self) -> dict[str, Any]:
@@ -338,13 +341,6 @@ def _pair_logps(parts: ModelParts, params: dict, batch: dict) -> jax.Array:
 
     logits = parts.model(params)(batch["inputs"], batch["positions"], batch["segment_ids"])
     return sequence_logps(logits, batch["targets"], batch["loss_mask"]).reshape(2, -1)
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
 
 
 def _memory_line(compiled) -> str:
