@@ -5,12 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test test-fast bench-decode bench-train bench-data clean
+.PHONY: demo test test-fast bench-decode bench-train bench-data bench-convert bench-edge clean
+
+# llama-cpp-python builds llama.cpp from source (about 10 minutes on 2 cores): CPU only, no tools.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,edge,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +34,12 @@ bench-train: $(STAMP)
 
 bench-data: $(STAMP)
 	$(PY) -m benchmarks.data_pipeline
+
+bench-convert: $(STAMP)
+	$(PY) -m benchmarks.convert
+
+bench-edge: $(STAMP)
+	$(PY) -m benchmarks.edge_decode
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -160,11 +160,14 @@ SHAKTI_250M = ModelConfig(
 )
 
 # 500M: 24 x 2048, 16 heads (published), context 4096 (published). A dense 4x FFN would be
-# ~1.4B, so: 4 KV heads of 128, non-gated SiLU FFN 2048, tied embeddings -> ~519M.
+# ~1.4B, so: 4 KV heads of 128 and a narrow SwiGLU FFN of 1280 (5 x 256, so every row splits
+# into K-quant blocks), tied embeddings -> ~506M. Gated rather than plain SiLU because the edge
+# runtimes (llama.cpp's llama/granite_swa, HF Llama/Mistral/Qwen2) only run gated MLPs; plain
+# SiLU at 2048 (~519M) stays available as `mlp="silu"` for ablations, but it is not exportable.
 # Block-sparse + sliding-window cache: three 1024-token window layers per global layer.
 SHAKTI_500M = ModelConfig(
     name="shakti_500m", vocab_size=_VOCAB, num_layers=24, d_model=2048, num_heads=16,
-    num_kv_heads=4, head_dim=128, ffn_dim=2048, max_seq_len=4096, mlp="silu",
+    num_kv_heads=4, head_dim=128, ffn_dim=1280, max_seq_len=4096, mlp="swiglu",
     tie_embeddings=True, attention_pattern=("window",) * 3 + ("global",), window=1024,
 )
 

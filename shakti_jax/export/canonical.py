@@ -1,0 +1,184 @@
+"""The one canonical form every exporter reads: named [out, in] numpy tensors plus config.
+
+Tensor names are llama.cpp's (`token_embd.weight`, `blk.N.attn_q.weight`, ...); the HF
+writer renames them. Layout work happens here and nowhere else:
+- Flax kernels [in, ...] become [out, in] matrices (heads flattened, head-major);
+- RoPE pairing: the model rotates halves (dim i with i + H/2, as HF Llama does); llama.cpp
+  rotates interleaved pairs (2i, 2i+1), so `rope_pairing="interleaved"` permutes the rows of
+  Q and K once, per head;
+- vocabulary: the tokenizer's pieces are padded with unused pieces up to the embedding rows.
+Tensors are produced one at a time (`CanonicalTensor.load`), so a writer holds at most one
+converted tensor next to the model's own weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import sentencepiece as spm
+from flax import nnx
+
+from shakti_jax.config import ModelConfig
+
+RopePairing = Literal["halves", "interleaved"]
+
+# GGUF token types (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+class ExportError(ValueError):
+    """The model or request cannot be exported as asked; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalTensor:
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]  # float32, C-contiguous, `shape`
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]
+    model_path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalModel:
+    config: ModelConfig  # layers changed by `allow_attention_change` are already global here
+    tensors: list[CanonicalTensor]
+    vocab: Vocabulary
+    rope_pairing: RopePairing
+
+    @property
+    def window_layers(self) -> list[bool]:
+        return [kind == "window" for kind in self.config.layer_kinds]
+
+
+def check_exportable(cfg: ModelConfig, allow_attention_change: bool = False) -> tuple[ModelConfig, list[str]]:
+    """The config as the edge runtimes will run it, and warnings of what changes.
+
+    Raises ExportError for what no runtime can run: plain (non-gated) SiLU MLPs, LayerNorm,
+    and block-sparse layers unless `allow_attention_change` (then they run as full causal
+    attention, a superset of the keys the layout allowed, and the logits differ).
+    """
+    if cfg.mlp != "swiglu":
+        raise ExportError(f"model.mlp={cfg.mlp!r}: llama.cpp and HF Llama/Mistral/Qwen2 only run gated "
+                          f"(swiglu) MLPs; this model cannot be exported")
+    if cfg.norm != "rmsnorm":
+        raise ExportError(f"model.norm={cfg.norm!r}: the edge runtimes only run RMSNorm")
+    sparse = [i for i, kind in enumerate(cfg.layer_kinds) if kind == "block_sparse"]
+    if not sparse:
+        return cfg, []
+    s = cfg.sparse
+    layout = (f"block-sparse layers {sparse} (blocks of {s.block_size}: {s.local_blocks} local, "
+              f"{s.global_blocks} global, {s.random_blocks} random)")
+    if not allow_attention_change:
+        raise ExportError(f"{layout}: no edge runtime runs this layout; pass "
+                          f"--allow-attention-change to export them as full causal attention")
+    pattern = tuple("global" if k == "block_sparse" else k for k in cfg.layer_kinds)
+    warning = (f"warning: {layout} are exported as full causal attention; they attend to more "
+               f"keys than in training, so outputs will differ from the JAX model")
+    return cfg.replace(attention_pattern=pattern), [warning]
+
+
+def read_vocabulary(tokenizer_path: str | Path, vocab_size: int) -> Vocabulary:
+    """Pieces, scores and GGUF token types of a sentencepiece model, padded to `vocab_size`."""
+    path = Path(tokenizer_path)
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (RuntimeError, OSError):
+        raise ExportError(f"{path} is not a readable sentencepiece model") from None
+    n = sp.GetPieceSize()
+    if n > vocab_size:
+        raise ExportError(f"tokenizer {path} has {n} pieces but model.vocab_size={vocab_size}")
+    pieces, scores, types = [], [], []
+    for i in range(n):
+        pieces.append(sp.IdToPiece(i))
+        scores.append(float(sp.GetScore(i)))
+        if sp.IsUnknown(i):
+            types.append(UNKNOWN)
+        elif sp.IsControl(i):
+            types.append(CONTROL)
+        elif sp.IsByte(i):
+            types.append(BYTE)
+        elif sp.IsUnused(i):
+            types.append(UNUSED)
+        elif pieces[-1].startswith("<|") and pieces[-1].endswith("|>"):
+            types.append(USER_DEFINED)  # the chat tokens: whole pieces, split out before encoding
+        else:
+            types.append(NORMAL)
+    for i in range(n, vocab_size):
+        pieces.append(f"<unused{i - n}>")
+        scores.append(0.0)
+        types.append(UNUSED)
+    return Vocabulary(pieces, scores, types, path)
+
+
+def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Path, *,
+                 rope_pairing: RopePairing, allow_attention_change: bool = False
+                 ) -> tuple[CanonicalModel, list[str]]:
+    """The canonical form of a model's parameters (the `nnx.to_pure_dict` of its nnx.Param state).
+
+    With `params=None` the result only describes shapes, names and vocabulary (for checking a
+    request before any weight is loaded); its tensors cannot be loaded.
+    """
+    export_cfg, warnings = check_exportable(cfg, allow_attention_change)
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def matrix(get, out_shape, permute_heads=0):
+        def load():
+            w = np.asarray(get(), np.float32).reshape(-1, out_shape[0]).T  # [in, out] -> [out, in]
+            if permute_heads and rope_pairing == "interleaved":
+                w = w.reshape(permute_heads, 2, H // 2, -1).swapaxes(1, 2).reshape(out_shape)
+            return np.ascontiguousarray(w)
+        return load
+
+    def vector(get):
+        return lambda: np.asarray(get(), np.float32).copy()
+
+    tensors = [CanonicalTensor("token_embd.weight", (cfg.vocab_size, D),
+                               lambda: np.ascontiguousarray(np.asarray(params["embedding"], np.float32)))]
+    for i in range(cfg.num_layers):
+        b = lambda i=i: params["blocks"][i]  # noqa: E731 - late lookup keeps one tensor alive
+        tensors += [
+            CanonicalTensor(f"blk.{i}.attn_norm.weight", (D,), vector(lambda b=b: b()["attn_norm"]["scale"])),
+            CanonicalTensor(f"blk.{i}.attn_q.weight", (N * H, D),
+                            matrix(lambda b=b: b()["attn"]["wq"], (N * H, D), permute_heads=N)),
+            CanonicalTensor(f"blk.{i}.attn_k.weight", (K * H, D),
+                            matrix(lambda b=b: b()["attn"]["wk"], (K * H, D), permute_heads=K)),
+            CanonicalTensor(f"blk.{i}.attn_v.weight", (K * H, D), matrix(lambda b=b: b()["attn"]["wv"], (K * H, D))),
+            CanonicalTensor(f"blk.{i}.attn_output.weight", (D, N * H), matrix(lambda b=b: b()["attn"]["wo"], (D, N * H))),
+            CanonicalTensor(f"blk.{i}.ffn_norm.weight", (D,), vector(lambda b=b: b()["mlp_norm"]["scale"])),
+            CanonicalTensor(f"blk.{i}.ffn_gate.weight", (cfg.ffn_dim, D),
+                            matrix(lambda b=b: b()["mlp"]["w_gate"], (cfg.ffn_dim, D))),
+            CanonicalTensor(f"blk.{i}.ffn_up.weight", (cfg.ffn_dim, D),
+                            matrix(lambda b=b: b()["mlp"]["w_up"], (cfg.ffn_dim, D))),
+            CanonicalTensor(f"blk.{i}.ffn_down.weight", (D, cfg.ffn_dim),
+                            matrix(lambda b=b: b()["mlp"]["w_down"], (D, cfg.ffn_dim))),
+        ]
+    tensors.append(CanonicalTensor("output_norm.weight", (D,), vector(lambda: params["final_norm"]["scale"])))
+    if not cfg.tie_embeddings:
+        tensors.append(CanonicalTensor("output.weight", (cfg.vocab_size, D),
+                                       matrix(lambda: params["lm_head"], (cfg.vocab_size, D))))
+    vocab = read_vocabulary(tokenizer_path, cfg.vocab_size)
+    return CanonicalModel(export_cfg, tensors, vocab, rope_pairing), warnings
+
+
+def model_params(model: nnx.Module) -> dict:
+    """The plain nested dict of a model's parameters (what `canonicalize` reads)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -1,0 +1,188 @@
+"""GGUF files for llama.cpp from the canonical form, streamed tensor by tensor.
+
+F32/F16/BF16/Q8_0/Q5_0/Q4_0 come from the `gguf` package (byte-identical to ggml's own
+quantizers); K-quants (Q4_K_M, Q5_K_M, Q6_K) from llama.cpp's quantizer via the optional
+`edge` extra (llama-cpp-python), run on an F32 file written first. Norms stay F32.
+
+Architecture: `llama` when no layer has a sliding window; otherwise `granite_swa`, which runs a
+Llama block with per-layer windows (sliding_window_pattern), logit scale 1 and attention sinks
+of -1e30 (so the sinks take no probability mass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from data_pipelines.atomic import atomic_file
+from data_pipelines.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from shakti_jax.export.canonical import CanonicalModel, CanonicalTensor, ExportError
+
+Q = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantType:
+    name: str
+    tensor_type: Q | None  # type of matrices written by the gguf package; None: llama.cpp's quantizer
+    file_type: FT
+    block: int  # row length must be a multiple of this
+
+
+QUANT_TYPES = {q.name: q for q in (
+    QuantType("f32", Q.F32, FT.ALL_F32, 1),
+    QuantType("f16", Q.F16, FT.MOSTLY_F16, 1),
+    QuantType("bf16", Q.BF16, FT.MOSTLY_BF16, 1),
+    QuantType("q8_0", Q.Q8_0, FT.MOSTLY_Q8_0, 32),
+    QuantType("q5_0", Q.Q5_0, FT.MOSTLY_Q5_0, 32),
+    QuantType("q4_0", Q.Q4_0, FT.MOSTLY_Q4_0, 32),
+    QuantType("q4_k_m", None, FT.MOSTLY_Q4_K_M, 32),
+    QuantType("q5_k_m", None, FT.MOSTLY_Q5_K_M, 32),
+    QuantType("q6_k", None, FT.MOSTLY_Q6_K, 32),
+)}
+EDGE_EXTRA_HINT = "install the edge extra: pip install -e '.[edge]' (llama-cpp-python)"
+
+
+def quant_type(name: str) -> QuantType:
+    key = name.lower()
+    if key not in QUANT_TYPES:
+        raise ExportError(f"unknown quant type {name!r}; choose from {', '.join(QUANT_TYPES)}")
+    return QUANT_TYPES[key]
+
+
+def check_quantizable(canon: CanonicalModel, quant: QuantType) -> None:
+    """Fail before writing anything when a row cannot be split into the type's blocks.
+
+    K-quant rows that are not multiples of 256 are left to llama.cpp, which falls back to a
+    legacy type for those tensors (as llama-quantize does); they still need 32.
+    """
+    if quant.tensor_type is None:
+        _llama_cpp()
+    for t in canon.tensors:
+        if t.is_matrix and t.shape[1] % quant.block:
+            raise ExportError(f"{t.name} has rows of {t.shape[1]} values, not a multiple of "
+                              f"{quant.name}'s block of {quant.block}")
+
+
+def write_gguf(canon: CanonicalModel, path: str | Path, quant: str,
+               on_tensor: Callable[[str], None] | None = None) -> Path:
+    """Write `canon` as a GGUF file of quant type `quant`, atomically. Returns the path."""
+    q = quant_type(quant)
+    check_quantizable(canon, q)
+    path = Path(path)
+    if q.tensor_type is not None:
+        with atomic_file(path) as tmp:
+            _write(canon, tmp, q, on_tensor)
+        return path
+    llama_cpp = _llama_cpp()
+    with atomic_file(path) as tmp:
+        f32_tmp = tmp.with_name(tmp.name + ".f32")
+        try:
+            _write(canon, f32_tmp, QUANT_TYPES["f32"], on_tensor)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = int(q.file_type)
+            if llama_cpp.llama_model_quantize(str(f32_tmp).encode(), str(tmp).encode(), params) != 0:
+                raise ExportError(f"llama.cpp could not quantize {path.name} to {q.name}")
+        finally:
+            f32_tmp.unlink(missing_ok=True)
+    return path
+
+
+def gguf_tensor_count(canon: CanonicalModel) -> int:
+    """Tensors in the GGUF file: the canonical ones plus granite_swa's attention sinks."""
+    return len(canon.tensors) + (canon.config.num_layers if any(canon.window_layers) else 0)
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError(f"K-quants use llama.cpp's quantizer: {EDGE_EXTRA_HINT}") from None
+    return llama_cpp
+
+
+def _tensor_type(t: CanonicalTensor, q: QuantType) -> Q:
+    return q.tensor_type if t.is_matrix else Q.F32
+
+
+def _nbytes(t: CanonicalTensor, qtype: Q) -> tuple[tuple[int, ...], int]:
+    if qtype == Q.F32:
+        return t.shape, 4 * int(np.prod(t.shape))
+    if qtype == Q.F16:
+        return t.shape, 2 * int(np.prod(t.shape))
+    byte_shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
+    return byte_shape, int(np.prod(byte_shape))
+
+
+def _write(canon: CanonicalModel, path: Path, q: QuantType, on_tensor) -> None:
+    cfg = canon.config
+    windows = canon.window_layers
+    arch = "granite_swa" if any(windows) else "llama"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(cfg.name)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(int(q.file_type))
+    if arch == "granite_swa":
+        writer.add_logit_scale(1.0)
+        writer.add_sliding_window(cfg.window)
+        writer.add_sliding_window_pattern(windows)
+    _add_tokenizer(writer, canon)
+
+    tensors = list(canon.tensors)
+    if arch == "granite_swa":
+        tensors += [_sink(i, cfg.num_heads) for i in range(cfg.num_layers)]
+    for t in tensors:
+        qtype = _tensor_type(t, q)
+        shape, nbytes = _nbytes(t, qtype)
+        if qtype == Q.F32:
+            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes)
+        elif qtype == Q.F16:
+            writer.add_tensor_info(t.name, shape, np.dtype(np.float16), nbytes)
+        else:
+            writer.add_tensor_info(t.name, shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        data = gguf.quants.quantize(t.load(), _tensor_type(t, q))
+        writer.write_tensor_data(data if data.dtype != np.uint16 else data.view(np.uint8))
+        if on_tensor:
+            on_tensor(t.name)
+    writer.close()
+
+
+def _sink(layer: int, num_heads: int) -> CanonicalTensor:
+    return CanonicalTensor(f"blk.{layer}.attn_sinks.weight", (num_heads,),
+                           lambda: np.full((num_heads,), -1e30, np.float32))
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, canon: CanonicalModel) -> None:
+    vocab = canon.vocab
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.pieces)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(True)

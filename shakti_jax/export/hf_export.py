@@ -1,0 +1,201 @@
+"""Hugging Face folders (config.json, model.safetensors, tokenizer) from the canonical form.
+
+The tokenizer is written as tokenizer.json (see `tokenizer_json`) next to tokenizer.model.
+The class follows the attention pattern: Llama without windows, Mistral when every layer has
+the same window, Qwen2 (per-layer `layer_types`, zero q/k/v biases) when only some do. Weights
+are written in safetensors format without torch, streamed tensor by tensor (the format is a
+JSON header of shapes and offsets followed by raw little-endian data, so the header can be
+written before any tensor is converted).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from data_pipelines.atomic import atomic_dir
+from data_pipelines.tokenizer import BOS, BOS_ID, CHAT_TOKENS, EOS, EOS_ID, PAD, PAD_ID, UNK
+from shakti_jax.export.canonical import CONTROL, NORMAL, UNKNOWN, CanonicalModel, CanonicalTensor, ExportError, Vocabulary
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+# weight dtype: (safetensors code, config.json torch dtype)
+HF_DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16")}
+
+# Renders conversations exactly as data_pipelines.chat does for training.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                 "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def hf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    _, layer, part, suffix = name.split(".")
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+
+
+def architecture(canon: CanonicalModel) -> str:
+    windows = canon.window_layers
+    if not any(windows):
+        return "llama"
+    return "mistral" if all(windows) else "qwen2"
+
+
+def hf_config(canon: CanonicalModel, dtype: str = "f32") -> dict:
+    cfg = canon.config
+    arch = architecture(canon)
+    config = {
+        "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                           "qwen2": "Qwen2ForCausalLM"}[arch]],
+        "model_type": arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+        "attention_dropout": 0.0, "dtype": HF_DTYPES[dtype][1],
+    }
+    if arch == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    elif arch == "mistral":
+        config.update(sliding_window=cfg.window)
+    else:
+        config.update(use_sliding_window=True, sliding_window=cfg.window, max_window_layers=0,
+                      layer_types=["sliding_attention" if w else "full_attention"
+                                   for w in canon.window_layers])
+    return config
+
+
+def write_hf(canon: CanonicalModel, out_dir: str | Path, dtype: str = "f32",
+             on_tensor: Callable[[str], None] | None = None) -> Path:
+    """Write a Hugging Face model folder atomically (a finished folder, or none). Returns it."""
+    if canon.rope_pairing != "halves":
+        raise ExportError("HF Llama/Mistral/Qwen2 rotate halves: canonicalize with rope_pairing='halves'")
+    if dtype not in HF_DTYPES:
+        raise ExportError(f"HF weights are {', '.join(HF_DTYPES)}, not {dtype!r}")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        _write_safetensors(tmp / "model.safetensors", list(_hf_tensors(canon)), dtype, on_tensor)
+        (tmp / "config.json").write_text(json.dumps(hf_config(canon, dtype), indent=2) + "\n")
+        shutil.copyfile(canon.vocab.model_path, tmp / "tokenizer.model")
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json(canon.vocab), ensure_ascii=False))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(canon), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}, indent=2) + "\n")
+    return out_dir
+
+
+def hf_tensor_count(canon: CanonicalModel) -> int:
+    """Tensors in model.safetensors (the canonical ones plus Qwen2's zero biases)."""
+    return sum(1 for _ in _hf_tensors(canon))
+
+
+def _hf_tensors(canon: CanonicalModel) -> Iterator[tuple[str, CanonicalTensor]]:
+    qkv_bias = architecture(canon) == "qwen2"
+    for t in canon.tensors:
+        yield hf_name(t.name), t
+        if qkv_bias and t.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v"):
+            rows = t.shape[0]
+            bias = CanonicalTensor(t.name.replace(".weight", ".bias"), (rows,),
+                                   lambda rows=rows: np.zeros((rows,), np.float32))
+            yield hf_name(bias.name), bias
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, CanonicalTensor]], dtype: str,
+                       on_tensor) -> None:
+    code, _ = HF_DTYPES[dtype]
+    itemsize = 4 if dtype == "f32" else 2
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors:
+        size = itemsize * int(np.prod(t.shape))
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, t in tensors:
+            f.write(_encode(t.load(), dtype).tobytes())
+            if on_tensor:
+                on_tensor(name)
+
+
+def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32).astype("<f4", copy=False)
+    if dtype == "f32":
+        return x
+    if dtype == "f16":
+        return x.astype("<f2")
+    bits = x.view("<u4")  # bfloat16: round to nearest even on the upper 16 bits
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+
+
+def tokenizer_json(vocab: Vocabulary) -> dict:
+    """A `tokenizers` BPE tokenizer that encodes exactly as sentencepiece and llama.cpp do.
+
+    Written by hand rather than left to transformers' converter, whose Metaspace pre-tokenizer
+    skips the dummy prefix when text already starts with a space. Here the prefix is a
+    normalizer, so every stretch between special tokens gets it, as in llama.cpp. Merges are
+    every split of a normal piece into two vocabulary pieces, ranked by the merged piece's score.
+    """
+    ids = {piece: i for i, piece in enumerate(vocab.pieces)}
+    ranked = []
+    for i, (piece, score, kind) in enumerate(zip(vocab.pieces, vocab.scores, vocab.types)):
+        if kind != NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                ranked.append((-score, i, ids[left], ids[right], left, right))
+    ranked.sort()
+    special = [i for i, kind in enumerate(vocab.types) if kind in (CONTROL, UNKNOWN)
+               or vocab.pieces[i] in CHAT_TOKENS]
+    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": vocab.pieces[i], "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True} for i in special],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {BOS: {"id": BOS, "ids": [BOS_ID], "tokens": [BOS]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "ignore_merges": False, "vocab": ids, "merges": [[m[4], m[5]] for m in ranked]},
+    }
+
+
+def _tokenizer_config(canon: CanonicalModel) -> dict:
+    added = {str(i): {"content": p, "special": True, "normalized": False, "lstrip": False,
+                      "rstrip": False, "single_word": False}
+             for i, p in enumerate(canon.vocab.pieces) if p in (UNK, BOS, EOS, PAD) + CHAT_TOKENS}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True,
+        "add_eos_token": False, "bos_token": BOS, "eos_token": EOS,
+        "unk_token": UNK, "pad_token": PAD, "added_tokens_decoder": added,
+        "additional_special_tokens": list(CHAT_TOKENS), "clean_up_tokenization_spaces": False,
+        "model_max_length": canon.config.max_seq_len, "chat_template": CHAT_TEMPLATE,
+    }
