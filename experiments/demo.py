@@ -10,7 +10,10 @@
 6. align it with DPO on embedded preference pairs (the right summary against another
    function's), showing the held-out reward accuracy,
 7. answer held-out questions before and after, and check that cached generation reproduces
-   the no-cache reference token for token.
+   the no-cache reference token for token,
+8. convert the final checkpoint to GGUF (F32, Q8_0, Q4_0) with the size table, and answer the
+   same questions in llama.cpp (when the `edge` extra is installed): the F32 file must give the
+   JAX model's greedy answers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from experiments.dpo import get_config as dpo_config
 from experiments.pretrain import get_config as pretrain_config
 from experiments.sft import get_config as sft_config
 from shakti_jax.config import ModelConfig
+from shakti_jax.convert import convert, plan, table
+from shakti_jax.export import ExportError
 from shakti_jax.generate import Sampling, generate
 from shakti_jax.info import render
 from shakti_jax.model_stats import summary
@@ -65,7 +70,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     corpus = write_default_corpus(workdir / "default_corpus.txt")
-    print(f"[1/7] default corpus: {corpus} ({corpus.stat().st_size:,} bytes) "
+    print(f"[1/8] default corpus: {corpus} ({corpus.stat().st_size:,} bytes) "
           f"in {time.perf_counter() - t0:.1f}s")
 
     t0 = time.perf_counter()
@@ -73,7 +78,7 @@ def main() -> None:
     tok = Tokenizer.load(model_path)
     sample_text = "split_digits: 2026-11-22, tabs\tand  spaces"
     ids = tok.encode(sample_text)
-    print(f"[2/7] tokenizer: {model_path} ({tok.vocab_size} pieces) in {time.perf_counter() - t0:.1f}s")
+    print(f"[2/8] tokenizer: {model_path} ({tok.vocab_size} pieces) in {time.perf_counter() - t0:.1f}s")
     print(f"      {sample_text!r} -> {len(ids)} tokens, round trip exact: {tok.decode(ids) == sample_text}")
 
     config = pretrain_config("tiny")
@@ -84,13 +89,13 @@ def main() -> None:
     config.train.eval_every = config.train.checkpoint_every = max(args.steps // 5, 1)
     config.optim.warmup_steps = min(config.optim.warmup_steps, args.steps // 10)
     parts = ModelParts.build(ModelConfig.from_dict(config.model.to_dict()), config.train.seed)
-    print("[3/7] model:\n      " + render(summary(parts.cfg)).replace("\n", "\n      "))
+    print("[3/8] model:\n      " + render(summary(parts.cfg)).replace("\n", "\n      "))
     _samples(parts.model(parts.init_params(config.train.seed)), tok, args.max_new_tokens,
              "before training (random init)")
 
     run_dir = workdir / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always shows a run from scratch
-    print(f"[4/7] pretraining {args.steps} steps of {config.train.batch_size} x "
+    print(f"[4/8] pretraining {args.steps} steps of {config.train.batch_size} x "
           f"{config.data.seq_len} tokens into {run_dir}")
     t0 = time.perf_counter()
     Trainer(config, run_dir).run()
@@ -114,7 +119,7 @@ def main() -> None:
     sft = _stage_config(sft_config("tiny"), config, run_dir, args.sft_steps,
                         f"jsonl:{workdir / 'instructions.jsonl'}?format=prompt_completion")
     sft.data.seq_len = 128
-    print(f"[5/7] SFT {args.sft_steps} steps on {len(questions)} embedded instructions "
+    print(f"[5/8] SFT {args.sft_steps} steps on {len(questions)} embedded instructions "
           f"(loss on answers only, every 10th held out)")
     Trainer(sft, sft_dir).run()
     evals = [r for r in read_metrics(sft_dir) if "eval_loss" in r]
@@ -127,7 +132,7 @@ def main() -> None:
     dpo = _stage_config(dpo_config("tiny"), config, sft_dir, args.dpo_steps,
                         f"jsonl:{workdir / 'preferences.jsonl'}?format=pairs")
     dpo.data.seq_len = 128
-    print(f"[6/7] DPO {args.dpo_steps} steps (beta {dpo.dpo.beta}, in-memory reference)")
+    print(f"[6/8] DPO {args.dpo_steps} steps (beta {dpo.dpo.beta}, in-memory reference)")
     Trainer(dpo, dpo_dir).run()
     evals = [r for r in read_metrics(dpo_dir) if "eval_rewards/accuracy" in r]
     print(f"      held-out reward accuracy {evals[0]['eval_rewards/accuracy']:.2f} -> "
@@ -135,7 +140,7 @@ def main() -> None:
           f"{evals[0]['eval_rewards/margin']:.3f} -> {evals[-1]['eval_rewards/margin']:.3f}")
 
     loaded = load_model(dpo_dir)
-    print(f"[7/7] answers of the final model (checkpoint step {loaded.step}):")
+    print(f"[7/8] answers of the final model (checkpoint step {loaded.step}):")
     greedy = _answers(loaded.model, tok, held_out, args.max_new_tokens)
     prompts = [_chat_prompt(tok, q["prompt"]) for q in held_out]
     reference = generate(loaded.model, prompts, max_new_tokens=args.max_new_tokens,
@@ -143,6 +148,28 @@ def main() -> None:
     print(f"      cached == no-cache reference: {greedy == reference.tokens}")
     if greedy != reference.tokens:
         raise SystemExit("cached generation disagrees with the no-cache reference")
+    _export(dpo_dir, workdir / "export", tok, prompts, greedy, args.max_new_tokens)
+
+
+def _export(checkpoint: Path, out_dir: Path, tok: Tokenizer, prompts, jax_answers, max_new_tokens: int) -> None:
+    print(f"[8/8] edge export of {checkpoint} into {out_dir}")
+    jobs = plan([checkpoint], "gguf", ["f32", "q8_0", "q4_0"], out_dir)
+    results = convert(jobs, "gguf", progress=False)
+    print("      " + table(results).replace("\n", "\n      "))
+    try:
+        from shakti_jax.export import llama_runtime
+        runtimes = {r.job.quant: llama_runtime.load(r.job.out) for r in results}
+    except ExportError as err:
+        print(f"      (not run in llama.cpp: {err})")
+        return
+    end = tok.chat_token_ids["<|end|>"]
+    for quant in ("f32", "q4_0"):
+        answers = [llama_runtime.greedy(runtimes[quant], p, max_new_tokens, end) for p in prompts]
+        print(f"      llama.cpp {quant}: " + "; ".join(repr(tok.decode(a)) for a in answers))
+        if quant == "f32":
+            print(f"      llama.cpp f32 greedy == JAX greedy: {answers == jax_answers}")
+            if answers != jax_answers:
+                raise SystemExit("llama.cpp disagrees with the JAX model on the F32 export")
 
 
 def _finetuning_data(workdir: Path) -> list[dict[str, str]]:

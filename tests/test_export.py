@@ -301,3 +301,55 @@ def test_every_quant_type_writes_and_reads_back(tokenizer, tmp_path):
         assert ref.types["token_embd.weight"] == q.tensor_type
         error = np.abs(ref.weights["token_embd.weight"] - embd).max() / np.abs(embd).max()
         assert error < {"f32": 1e-7, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q5_0": 0.05, "q4_0": 0.1}[name]
+
+
+# ---- the command line ----
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer) -> Path:
+    from shakti_jax.train.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("runs")
+    narrow = get_config("tiny").replace(d_model=48, num_heads=3, num_kv_heads=1, ffn_dim=96)
+    for name, cfg in [("run_a", get_config("tiny")), ("run_b", get_config("tiny")), ("narrow", narrow)]:
+        save_model(root / name, Transformer(cfg, nnx.Rngs(0)), tokenizer_path=tokenizer.model_path)
+    return root
+
+
+def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, capsys):
+    from shakti_jax.convert import main
+
+    main(["--checkpoint", str(checkpoints / "run_*"), "--format", "gguf", "--quant", "f32,q8_0,q4_0",
+          "--out", str(tmp_path / "out"), "--no-progress"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["checkpoint", "quant", "size", "MB"]
+    assert len(table) == 1 + 2 * 3
+    sizes = {}
+    for row in table[1:]:
+        name, quant, _, ratio, _, out = row.split()
+        assert Path(out) == tmp_path / "out" / f"{name}-{quant}.gguf" and Path(out).is_file()
+        sizes[quant] = float(ratio)
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["f32"]
+    main(["--checkpoint", str(checkpoints / "run_a"), "--format", "hf", "--out", str(tmp_path / "hf"),
+          "--no-progress"])
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "{root}/narrow", "--format", "gguf", "--quant", "f16,q4_0"],
+     "token_embd.weight has rows of 48 values, not a multiple of q4_0's block of 32"),
+    (["--checkpoint", "{root}/run_a", "--format", "gguf", "--quant", "q4_0,q3"], "unknown quant type 'q3'"),
+    (["--checkpoint", "{root}/run_a", "--format", "hf", "--quant", "q8_0"], "--format hf writes f32, bf16, f16"),
+    (["--checkpoint", "{root}/run_*", "{root}/nothing_*", "--format", "gguf"], "'{root}/nothing_*' matches nothing"),
+    (["--checkpoint", "{root}/run_a", "{root}/missing", "--format", "gguf"], "{root}/missing is not a folder"),
+])
+def test_cli_rejects_bad_requests_in_one_line_before_writing(args, message, checkpoints, tmp_path, capsys):
+    from shakti_jax.convert import main
+
+    args = [a.format(root=checkpoints) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message.format(root=checkpoints) in err, err
+    assert list(tmp_path.iterdir()) == []
