@@ -111,8 +111,7 @@ def convert(jobs: Sequence[Job], fmt: str, tokenizer: str | None = None,
         for warning in warnings:
             print(warning, file=sys.stderr)
 
-    from shakti_jax.export.canonical import model_params
-    from shakti_jax.train.checkpoint import load_model
+    from shakti_jax.train.checkpoint import load_params
 
     count = gguf_tensor_count if fmt == "gguf" else hf_tensor_count
     per_job = {ckpt: count(canon) for ckpt, (_, _, canon, _) in described.items()}
@@ -120,8 +119,8 @@ def convert(jobs: Sequence[Job], fmt: str, tokenizer: str | None = None,
     results = []
     for checkpoint, its_jobs in by_checkpoint.items():
         _, tokenizer_path, _, _ = described[checkpoint]
-        loaded = load_model(checkpoint)
-        canon, _ = canonicalize(loaded.config, model_params(loaded.model), tokenizer_path,
+        loaded = load_params(checkpoint)
+        canon, _ = canonicalize(loaded.config, loaded.params, tokenizer_path,
                                 allow_attention_change=allow_attention_change,
                                 rope_pairing="interleaved" if fmt == "gguf" else "halves")
         f32_bytes = sum(4 * t.numel for t in canon.tensors)

@@ -12,9 +12,8 @@ from shakti_jax.export.canonical import ExportError
 
 
 def load(path: str | Path, n_ctx: int = 0, n_threads: int | None = None):
-    """A llama_cpp.Llama for `path` (CPU, no flash attention, n_ctx 0: the model's context; logits
-    kept for every position,
-    since llama-cpp-python only exposes them that way)."""
+    """A llama_cpp.Llama for `path`: CPU, no flash attention, n_ctx 0 meaning the model's own
+    context, logits kept for every position (llama-cpp-python only exposes them that way)."""
     try:
         import llama_cpp
     except ImportError:

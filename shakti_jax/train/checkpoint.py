@@ -84,10 +84,19 @@ class LoadedModel:
     tokenizer_path: Path | None
 
 
-def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
-    """The model (params only, on the default device) of a training workdir's checkpoint.
+@dataclasses.dataclass
+class LoadedParams:
+    config: ModelConfig
+    params: dict  # the nested dict of nnx.Param values, as `nnx.to_pure_dict` gives it
+    step: int
+    tokenizer_path: Path | None
 
-    `step=None` takes the newest step. Raises a one-line `FileNotFoundError` when there is none.
+
+def load_params(workdir: str | Path, step: int | None = None) -> LoadedParams:
+    """A training workdir's checkpoint params on the default device, without building a model
+    (one copy of the weights in memory). `step=None` takes the newest step.
+
+    Raises a one-line `FileNotFoundError` when there is none.
     """
     directory = checkpoint_dir(workdir)
     with ocp.CheckpointManager(directory) as manager:
@@ -108,10 +117,19 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, restore_args=restore_args, partial_restore=True)))["state"]
-    model = Transformer(cfg, nnx.Rngs(0))
-    nnx.update(model, _as_state(model, restored["params"]))
     tokenizer = meta.get("tokenizer")
-    return LoadedModel(cfg, model, step, Path(tokenizer) if tokenizer else None)
+    return LoadedParams(cfg, restored["params"], step, Path(tokenizer) if tokenizer else None)
+
+
+def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
+    """The model (params only, on the default device) of a training workdir's checkpoint.
+
+    `step=None` takes the newest step. Raises a one-line `FileNotFoundError` when there is none.
+    """
+    loaded = load_params(workdir, step)
+    model = Transformer(loaded.config, nnx.Rngs(0))
+    nnx.update(model, _as_state(model, loaded.params))
+    return LoadedModel(loaded.config, model, loaded.step, loaded.tokenizer_path)
 
 
 def read_meta(workdir: str | Path) -> dict:
