@@ -14,26 +14,29 @@ quantizer (`llama_model_quantize`, what `llama-quantize` runs). Prints a markdow
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
 
-from flax import nnx
-
 from benchmarks.edge_models import machine, model_config, run_measured, tokenizer
-from shakti_jax.train.checkpoint import save_model
 
 DIRECT = {"f32", "f16", "bf16", "q8_0"}  # outtypes convert_hf_to_gguf.py writes itself
 PY = sys.executable
 
 
-def checkpoint(name: str, workdir: Path) -> Path:
-    from shakti_jax.model import Transformer
+SAVE = ("import sys; from flax import nnx; from benchmarks.edge_models import model_config; "
+        "from shakti_jax.model import Transformer; from shakti_jax.train.checkpoint import save_model; "
+        "cfg = model_config(sys.argv[1]).replace(dropout_rate=0.0); "
+        "save_model(sys.argv[2], Transformer(cfg, nnx.Rngs(0)), tokenizer_path=sys.argv[3])")
 
+
+def checkpoint(name: str, workdir: Path) -> Path:
+    """A random-init checkpoint, written by a child process: this process must stay small, since
+    Linux carries a process's peak RSS across fork + exec into every child it measures."""
     ckpt = workdir / f"{name}-ckpt"
     if not ckpt.exists():
-        cfg = model_config(name).replace(dropout_rate=0.0)
-        save_model(ckpt, Transformer(cfg, nnx.Rngs(0)), tokenizer_path=tokenizer(workdir))
+        run_measured([PY, "-c", SAVE, name, str(ckpt), str(tokenizer(workdir))])
     return ckpt
 
 
@@ -76,7 +79,9 @@ def main() -> None:
         run_measured([PY, "-m", "shakti_jax.convert", "--checkpoint", str(ckpt), "--format", "hf",
                       "--out", str(hf_dir), "--no-progress"])
     print(f"{args.model}, random init; {machine()}; {time.strftime('%Y-%m-%d')}")
-    print(f"load-only process: {base_s:.1f} s, peak RSS {base_rss:.2f} GiB\n")
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"load-only process: {base_s:.1f} s, peak RSS {base_rss:.2f} GiB "
+          f"(no child reads below this process's {floor:.2f} GiB)\n")
     print("| quant | size MB | ours: s | ours: s beyond load | ours: peak GiB | llama.cpp route: s | "
           "llama.cpp route: peak GiB |")
     print("|---|---|---|---|---|---|---|")

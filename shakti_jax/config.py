@@ -21,6 +21,7 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
+from shakti_jax.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from shakti_jax.ops.masks import BlockSparse, MaskSpec
 
 LAYER_KINDS = ("global", "window", "block_sparse")
@@ -124,6 +125,8 @@ def validate(cfg: ModelConfig) -> None:
         fail("window", f"must be <= max_seq_len={cfg.max_seq_len}")
     if "block_sparse" in cfg.attention_pattern and cfg.sparse.block_size > cfg.max_seq_len:
         fail("sparse", f"block_size must be <= max_seq_len={cfg.max_seq_len}")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
     if not 0.0 <= cfg.dropout_rate < 1.0:
         fail("dropout_rate", "must be in [0, 1)")
     if cfg.dtype not in DTYPES:

@@ -164,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="export block-sparse layers as full causal attention (changes outputs)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    quants = [q.strip().lower() for q in (args.quant or ("q4_0" if args.format == "gguf" else "f32")).split(",")]
+    default_quant = "q4_0" if args.format == "gguf" else "f32"
+    quants = [q.strip().lower() for q in (args.quant or default_quant).split(",")]
     try:
         jobs = plan(expand_checkpoints(args.checkpoint), args.format, quants, Path(args.out))
         results = convert(jobs, args.format, args.tokenizer, args.allow_attention_change,

@@ -23,7 +23,8 @@ def render(info: dict) -> str:
     lines.append("parameters by part:")
     for part, n in info["parts"].items():
         lines.append(f"  {part:<10} {n:>13,}  ({100 * n / info['total_params']:.1f}%)")
-    lines.append(f"  per layer: attention {info['per_layer']['attention']:,}, mlp {info['per_layer']['mlp']:,}")
+    per_layer = info["per_layer"]
+    lines.append(f"  per layer: attention {per_layer['attention']:,}, mlp {per_layer['mlp']:,}")
     lines.append(f"total {info['total_params']:,} ({_human(info['total_params'])}), "
                  f"non-embedding {info['non_embedding_params']:,}")
     nominal = NOMINAL_PARAMS.get(info["model"])

@@ -20,7 +20,8 @@ import numpy as np
 
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.tokenizer import BOS, BOS_ID, CHAT_TOKENS, EOS, EOS_ID, PAD, PAD_ID, UNK
-from shakti_jax.export.canonical import CONTROL, NORMAL, UNKNOWN, CanonicalModel, CanonicalTensor, ExportError, Vocabulary
+from shakti_jax.export.canonical import (CONTROL, NORMAL, UNKNOWN, CanonicalModel, CanonicalTensor,
+                                        ExportError, Vocabulary)
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -176,7 +177,8 @@ def tokenizer_json(vocab: Vocabulary) -> dict:
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                     bos, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {BOS: {"id": BOS, "ids": [BOS_ID], "tokens": [BOS]}}},
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},

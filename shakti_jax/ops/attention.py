@@ -1,16 +1,71 @@
-"""The one attention entry point. Every implementation takes the same arguments."""
+"""The one attention entry point. Every implementation takes the same arguments.
+
+Implementations:
+  xla     the reference (`reference.py`): dense logits, any mask, any backend.
+  pallas  Pallas GPU kernels: tiled flash attention over the mask's non-empty tiles (training,
+          prefill: static query offset) and a decode kernel (few queries, traced positions).
+  splash  JAX's TPU splash attention with the mask spec mapped onto its mask classes.
+  auto    pallas on GPU, splash on TPU, xla elsewhere.
+
+A call an implementation cannot express falls back to xla with a one-time warning under "auto",
+and raises ValueError naming the reason when that implementation was asked for by name. On CPU,
+"pallas" and "splash" run in Pallas interpret mode (that is how the tests check them).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from shakti_jax.ops import pallas_decode, pallas_flash, splash, tiles
 from shakti_jax.ops.masks import MaskSpec
 from shakti_jax.ops.reference import dense_mask, positions, reference_attention
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "splash")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """One call's arguments, normalised; what implementations and their checks receive."""
+
+    q_BTNH: jax.Array
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+    mask: MaskSpec
+    segment_ids: tuple[jax.Array, jax.Array] | None
+    q_offset: int | jax.Array
+    kv_len: jax.Array | None
+    k_positions: jax.Array | None
+    scale: float | None
+
+    @property
+    def static_offset(self) -> int | None:
+        """q_offset as a Python int when it is known at trace time, else None."""
+        if isinstance(self.q_offset, (int, np.integer)):
+            return int(self.q_offset)
+        return None
+
+    @property
+    def k_valid_BS(self) -> jax.Array | None:
+        if self.kv_len is None:
+            return None
+        S = self.k_BSKH.shape[1]
+        return jnp.arange(S)[None, :] < jnp.asarray(self.kv_len).reshape(-1, 1)
+
+    def visibility_BTS(self) -> jax.Array:
+        """The dense [B, T, S] mask: what the reference computes, and what decode kernels read."""
+        B, T = self.q_BTNH.shape[:2]
+        S = self.k_BSKH.shape[1]
+        q_pos_BT = positions(B, T, self.q_offset)
+        k_pos_BS = positions(B, S) if self.k_positions is None else jnp.asarray(self.k_positions, jnp.int32)
+        if self.kv_len is not None:
+            k_pos_BS = jnp.where(self.k_valid_BS, k_pos_BS, -1)
+        return dense_mask(self.mask, q_pos_BT, k_pos_BS, self.segment_ids)
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, mask: MaskSpec,
@@ -26,40 +81,94 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, mask: 
     q_offset:    absolute position of the first query (int, or [B] for ragged decode).
     kv_len:      [B] number of valid keys; key slots at or beyond it are empty.
     k_positions: [B, S] absolute key positions (ring-buffer caches); < 0 marks empty slots.
-    impl:        "auto" picks the fastest implementation for the backend; "xla" is the reference.
+    impl:        one of IMPLEMENTATIONS (see the module docstring).
     Rows with no visible key return zeros.
     """
     _check_shapes(q_BTNH, k_BSKH, v_BSKH)
-    B, T = q_BTNH.shape[:2]
-    S = k_BSKH.shape[1]
-    q_pos_BT = positions(B, T, q_offset)
-    k_pos_BS = positions(B, S) if k_positions is None else jnp.asarray(k_positions, jnp.int32)
-    if kv_len is not None:
-        in_range_BS = jnp.arange(S)[None, :] < jnp.asarray(kv_len).reshape(-1, 1)
-        k_pos_BS = jnp.where(in_range_BS, k_pos_BS, -1)
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     if segment_ids is not None and not isinstance(segment_ids, tuple):
         if T != S:
             raise ValueError(f"segment_ids of shape [B, T] need T == S, got T={T}, S={S}")
         segment_ids = (segment_ids, segment_ids)
-    implementation = _resolve(impl)
-    return implementation(q_BTNH, k_BSKH, v_BSKH, mask=mask, q_pos_BT=q_pos_BT,
-                          k_pos_BS=k_pos_BS, segment_ids=segment_ids, scale=scale)
+    call = AttentionCall(q_BTNH, k_BSKH, v_BSKH, mask, segment_ids, q_offset, kv_len, k_positions,
+                         scale)
+    name = _backend_default() if impl == "auto" else impl
+    if name != "xla":
+        reason = _IMPLS[name].unsupported(call)
+        if reason is not None:
+            if impl != "auto":
+                raise ValueError(f"attention impl={impl!r} cannot run this call: {reason}")
+            _warn_once(name, reason)
+            name = "xla"
+    return _IMPLS[name].run(call)
 
 
-def _xla(q_BTNH, k_BSKH, v_BSKH, *, mask, q_pos_BT, k_pos_BS, segment_ids, scale):
-    ok_BTS = dense_mask(mask, q_pos_BT, k_pos_BS, segment_ids)
-    return reference_attention(q_BTNH, k_BSKH, v_BSKH, ok_BTS, scale=scale)
+@dataclasses.dataclass(frozen=True)
+class _Impl:
+    unsupported: Callable[[AttentionCall], str | None]  # None, or why this call is not supported
+    run: Callable[[AttentionCall], jax.Array]
 
 
-_REGISTRY: dict[str, Callable] = {"xla": _xla}
+def _xla(call: AttentionCall) -> jax.Array:
+    return reference_attention(call.q_BTNH, call.k_BSKH, call.v_BSKH, call.visibility_BTS(),
+                               scale=call.scale)
 
 
-def _resolve(impl: str) -> Callable:
-    if impl == "auto":
-        return _REGISTRY["xla"]
-    if impl not in _REGISTRY:
-        raise ValueError(f"attention impl={impl!r} is not one of {sorted(_REGISTRY) + ['auto']}")
-    return _REGISTRY[impl]
+def _pallas_unsupported(call: AttentionCall) -> str | None:
+    if jax.default_backend() == "tpu":
+        return "the Pallas kernels lower through Triton (GPU); use impl='splash' on TPU"
+    dtype, head_dim = jnp.dtype(call.q_BTNH.dtype), call.q_BTNH.shape[-1]
+    if dtype not in pallas_flash.SUPPORTED_DTYPES:
+        return f"dtype {dtype} (supported: float32, bfloat16, float16)"
+    if head_dim not in pallas_flash.SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} (supported: {pallas_flash.SUPPORTED_HEAD_DIMS})"
+    if call.static_offset is not None and call.k_positions is None:
+        block_q, block_k = pallas_flash.default_blocks(call.mask, head_dim)
+        if tiles.sparse_tiles_aligned(call.mask, block_q, block_k, call.static_offset):
+            return None
+    rows = call.q_BTNH.shape[1] * call.q_BTNH.shape[2] // call.k_BSKH.shape[2]
+    if rows <= pallas_decode.MAX_ROWS:
+        return None
+    if call.static_offset is None or call.k_positions is not None:
+        return (f"traced query offsets or key positions with {rows} query rows per KV head "
+                f"(decode kernel takes <= {pallas_decode.MAX_ROWS})")
+    return (f"block-sparse block_size {call.mask.sparse.block_size} with query offset "
+            f"{call.static_offset} does not align with 16..64-wide kernel tiles")
+
+
+def _pallas(call: AttentionCall) -> jax.Array:
+    interpret = jax.default_backend() == "cpu"
+    head_dim = call.q_BTNH.shape[-1]
+    if call.static_offset is not None and call.k_positions is None:
+        block_q, block_k = pallas_flash.default_blocks(call.mask, head_dim)
+        if tiles.sparse_tiles_aligned(call.mask, block_q, block_k, call.static_offset):
+            return pallas_flash.flash_attention(
+                call.q_BTNH, call.k_BSKH, call.v_BSKH, mask=call.mask, q_offset=call.static_offset,
+                k_valid_BS=call.k_valid_BS, segment_ids=call.segment_ids, scale=call.scale,
+                interpret=interpret)
+    return pallas_decode.decode_attention(call.q_BTNH, call.k_BSKH, call.v_BSKH,
+                                          call.visibility_BTS(), scale=call.scale, interpret=interpret)
+
+
+_IMPLS: dict[str, _Impl] = {
+    "xla": _Impl(lambda call: None, _xla),
+    "pallas": _Impl(_pallas_unsupported, _pallas),
+    "splash": _Impl(splash.unsupported, splash.splash_attention),
+}
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _backend_default() -> str:
+    return {"gpu": "pallas", "tpu": "splash"}.get(jax.default_backend(), "xla")
+
+
+def _warn_once(name: str, reason: str) -> None:
+    if (name, reason) not in _WARNED:
+        _WARNED.add((name, reason))
+        warnings.warn(f"attention impl='auto' uses the XLA reference instead of {name!r}: {reason}",
+                      stacklevel=3)
 
 
 def _check_shapes(q, k, v) -> None:

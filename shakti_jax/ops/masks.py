@@ -124,7 +124,7 @@ class MaskSpec:
         nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
         q_pos = q_offset + np.arange(nq * block_q)
         k_pos = np.arange(nk * block_k)
-        dense = self.allowed(q_pos, np.where(k_pos < kv_len, k_pos, -1))
+        dense = np.array(self.allowed(q_pos, np.where(k_pos < kv_len, k_pos, -1)))  # writable
         dense[q_len:] = False
         tiles = dense.reshape(nq, block_q, nk, block_k)
         return tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
