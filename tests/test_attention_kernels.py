@@ -134,6 +134,10 @@ def test_rectangular_tiles_and_every_gqa_ratio(block_q, block_k):
             return flash_attention(q, k, v, mask=mask, q_offset=0, k_valid_BS=None,
                                    block_q=block_q, block_k=block_k, interpret=True)
 
+        def kernel_lse(q, k, v):
+            return flash_attention(q, k, v, mask=mask, q_offset=0, k_valid_BS=None, block_q=block_q,
+                                   block_k=block_k, interpret=True, return_lse=True)[1]
+
         out, lse = flash_attention(q, k, v, mask=mask, q_offset=0, k_valid_BS=None, block_q=block_q,
                                    block_k=block_k, interpret=True, return_lse=True)
         ref, ref_lse = reference_attention(q, k, v, ok, return_lse=True)
@@ -143,6 +147,9 @@ def test_rectangular_tiles_and_every_gqa_ratio(block_q, block_k):
         _, ref_grads = loss_and_grads(lambda q, k, v: reference_attention(q, k, v, ok), case)
         for name, g, r in zip("qkv", grads, ref_grads):
             assert rel_err(g, r) < 1e-5, f"G={G} d{name}"
+    lse_grad = jax.grad(lambda q: kernel_lse(q, k, v).sum())(q)
+    ref_lse_grad = jax.grad(lambda q: reference_attention(q, k, v, ok, return_lse=True)[1].sum())(q)
+    assert rel_err(lse_grad, ref_lse_grad) < 1e-5
 
 
 def test_tile_plan_skips_empty_tiles_and_lists_every_visible_one():

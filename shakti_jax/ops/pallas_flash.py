@@ -163,7 +163,7 @@ def _full(shape):
 def _forward(static: FlashStatic, q, k, v, k_pos, q_seg, k_seg):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    G, bq, bk, plan = N // K, static.plan.block_q, static.plan.block_k, static.plan
+    G, bq, plan = N // K, static.plan.block_q, static.plan
     grid = (B, N, T // bq)
     q_spec = pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0))
     kv_spec = pl.BlockSpec((None, S, None, H), lambda b, n, i: (b, 0, n // G, 0))
@@ -183,12 +183,13 @@ def _forward(static: FlashStatic, q, k, v, k_pos, q_seg, k_seg):
     )(jnp.asarray(plan.kv_blocks_QP), jnp.asarray(plan.kv_count_Q), q, k, v, k_pos, q_seg, k_seg)
 
 
-def _backward(static: FlashStatic, residuals, do):
+def _backward(static: FlashStatic, residuals, do, dlse_BNT):
     q, k, v, k_pos, q_seg, k_seg, out, lse_BNT = residuals
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G, bq, bk, plan = N // K, static.plan.block_q, static.plan.block_k, static.plan
-    delta_BNT = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+    # dL/ds = p * (dp - delta) with delta = rowsum(o * do) - dlse (lse's own cotangent)
+    delta_BNT = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32)) - dlse_BNT
     params = _compiler_params(static)
 
     q_spec = pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0))
@@ -238,8 +239,8 @@ def _flash_fwd(static, q, k, v, k_pos, q_seg, k_seg):
 
 
 def _flash_bwd(static, residuals, cotangents):
-    do, _ = cotangents  # the lse output is for callers to inspect, not to differentiate
-    return _backward(static, residuals, do)
+    do, dlse = cotangents
+    return _backward(static, residuals, do, dlse)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
