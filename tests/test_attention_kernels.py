@@ -21,7 +21,7 @@ from flax import nnx
 from shakti_jax.config import get_config
 from shakti_jax.generate import generate
 from shakti_jax.model import Transformer
-from shakti_jax.ops import BlockSparse, MaskSpec, attention
+from shakti_jax.ops import BlockSparse, MaskSpec, attention, splash
 from shakti_jax.ops.pallas_flash import flash_attention
 from shakti_jax.ops.reference import dense_mask, positions, reference_attention
 from shakti_jax.ops.tiles import tile_plan
@@ -253,43 +253,72 @@ def test_model_on_pallas_kernels_matches_the_reference_model():
             == generate(models["xla"], prompts, max_new_tokens=40).tokens)
 
 
-# ---- GPU lowering without a GPU: Pallas -> Triton IR for CUDA via jax.export ----
+def test_splash_kernel_is_reused_across_jitted_functions():
+    """The cached splash kernel is built outside any trace: a second jit reuses it safely."""
+    mask = MaskSpec(window=16)
+    k = jax.random.normal(jax.random.key(1), (1, 40, 2, 64))
+    for scale in (1.0, 0.5):  # two different jitted functions, one cache entry
+        q = scale * jax.random.normal(jax.random.key(0), (1, 40, 4, 64))
+        got = jax.jit(lambda q: jax.grad(lambda q: attention(q, k, k, mask=mask, impl="splash").sum())(q))(q)
+        want = jax.grad(lambda q: attention(q, k, k, mask=mask, impl="xla").sum())(q)
+        assert rel_err(got, want) < 1e-5
 
-@pytest.mark.parametrize("dtype,head_dim,mask", [
+
+# ---- lowering for GPU and TPU without either: jax.export runs the Pallas lowering ----
+
+LOWERING_CASES = [
     (jnp.bfloat16, 128, MaskSpec(window=256)),
     (jnp.bfloat16, 64, MaskSpec(sparse=BlockSparse(block_size=128, random_blocks=2))),
     (jnp.float32, 64, MaskSpec(causal=False, window=100)),
-], ids=["bf16-window", "bf16-sparse", "f32-bidirectional"])
-def test_kernels_lower_to_triton_for_cuda(dtype, head_dim, mask):
-    """Training (forward + dq + dk/dv, with segments and kv_len) and decode kernels pass Pallas's
-    Triton lowering for CUDA. Not a GPU run: Triton's own PTX compilation is not reached."""
-    B, T, N, K = 2, 1000, 8, 2
-    q = jax.ShapeDtypeStruct((B, T, N, head_dim), dtype)
-    k = jax.ShapeDtypeStruct((B, T, K, head_dim), dtype)
-    seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    kv_len = jax.ShapeDtypeStruct((B,), jnp.int32)
+]
+LOWERING_IDS = ["bf16-window", "bf16-sparse", "f32-bidirectional"]
 
-    def train(q, k, v, seg, kv_len):
+
+def export_for(platform: str, monkeypatch, fn, *avals):
+    """jax.export of fn for `platform`, with the dispatch believing it runs there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: {"cuda": "gpu"}.get(platform, platform))
+    kernel_call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
+    checks = [jax.export.DisabledSafetyCheck.custom_call(kernel_call)]
+    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*avals)
+    return exported.mlir_module()
+
+
+def train_step_avals(dtype, head_dim, B=2, T=1000, N=8, K=2):
+    kv = jax.ShapeDtypeStruct((B, T, K, head_dim), dtype)
+    return (jax.ShapeDtypeStruct((B, T, N, head_dim), dtype), kv, kv,
+            jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32))
+
+
+def attention_grads(impl: str, mask: MaskSpec):
+    def grads(q, k, v, seg, kv_len):
         def loss(q, k, v):
-            out = attention(q, k, v, mask=mask, segment_ids=seg, kv_len=kv_len, impl="pallas")
+            out = attention(q, k, v, mask=mask, segment_ids=seg, kv_len=kv_len, impl=impl)
             return out.astype(jnp.float32).sum()
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    return grads
 
-    def decode(q, k, v, offset, k_pos):
-        return attention(q, k, v, mask=mask, q_offset=offset, k_positions=k_pos, impl="pallas")
 
-    monkey_gpu = pytest.MonkeyPatch()
-    monkey_gpu.setattr(jax, "default_backend", lambda: "gpu")  # pick the compiled (not interpret) path
-    triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    try:
-        exported = jax.export.export(jax.jit(train), platforms=["cuda"], disabled_checks=triton)(
-            q, k, k, seg, kv_len)
-        decoded = jax.export.export(jax.jit(decode), platforms=["cuda"], disabled_checks=triton)(
-            jax.ShapeDtypeStruct((B, 1, N, head_dim), dtype), k, k,
-            jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B, T), jnp.int32))
-    finally:
-        monkey_gpu.undo()
-    text = exported.mlir_module()
+@pytest.mark.parametrize("dtype,head_dim,mask", LOWERING_CASES, ids=LOWERING_IDS)
+def test_kernels_lower_to_triton_for_cuda(dtype, head_dim, mask, monkeypatch):
+    """Training (forward + dq + dk/dv, with segments and kv_len) and decode kernels pass Pallas's
+    Triton lowering for CUDA (an unsupported op or shape raises here). Not a GPU run: Triton's
+    PTX compilation is not reached."""
+    text = export_for("cuda", monkeypatch, attention_grads("pallas", mask),
+                      *train_step_avals(dtype, head_dim))
     for kernel in ("shakti_flash_forward", "shakti_flash_dq", "shakti_flash_dkdv"):
         assert kernel in text, kernel
-    assert "shakti_decode" in decoded.mlir_module()
+    q, k, v, _, _ = train_step_avals(dtype, head_dim)
+    decode_q = jax.ShapeDtypeStruct((2, 1, 8, head_dim), dtype)
+    text = export_for("cuda", monkeypatch,
+                      lambda q, k, v, offset, k_pos: attention(q, k, v, mask=mask, q_offset=offset,
+                                                               k_positions=k_pos, impl="pallas"),
+                      decode_q, k, v, jax.ShapeDtypeStruct((2,), jnp.int32),
+                      jax.ShapeDtypeStruct((2, 1000), jnp.int32))
+    assert "shakti_decode" in text
+
+
+@pytest.mark.parametrize("dtype,head_dim,mask", LOWERING_CASES, ids=LOWERING_IDS)
+def test_splash_adapter_lowers_for_tpu(dtype, head_dim, mask, monkeypatch):
+    text = export_for("tpu", monkeypatch, attention_grads("splash", mask),
+                      *train_step_avals(dtype, head_dim))
+    assert text.count("tpu_custom_call") >= 3  # forward, dq, dk/dv

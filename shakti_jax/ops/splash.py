@@ -44,10 +44,13 @@ def _head_mask(mask: MaskSpec, q_len: int, kv_len: int, q_offset: int) -> sa.Mas
 
 @functools.lru_cache(maxsize=64)
 def _kernel(mask: MaskSpec, q_len: int, kv_len: int, q_offset: int, groups: int, interpret: bool):
+    """The splash kernel for one mask and shape, cached: its block metadata is built on the host,
+    and kept concrete (not traced) so that later traces can reuse it."""
     head = _head_mask(mask, q_len, kv_len, q_offset)
-    return sa.make_splash_mqa_single_device(sa.MultiHeadMask([head] * groups),
-                                            block_sizes=sa.BlockSizes.get_default(),
-                                            interpret=interpret)
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mqa_single_device(sa.MultiHeadMask([head] * groups),
+                                                block_sizes=sa.BlockSizes.get_default(),
+                                                interpret=interpret)
 
 
 def splash_attention(call) -> jax.Array:
