@@ -322,3 +322,25 @@ def test_splash_adapter_lowers_for_tpu(dtype, head_dim, mask, monkeypatch):
     text = export_for("tpu", monkeypatch, attention_grads("splash", mask),
                       *train_step_avals(dtype, head_dim))
     assert text.count("tpu_custom_call") >= 3  # forward, dq, dk/dv
+
+
+def test_direct_kernel_calls_refuse_tiles_that_would_drop_the_layout():
+    q = jax.random.normal(jax.random.key(0), (1, 64, 2, 64))
+    sparse = MaskSpec(causal=False, sparse=BlockSparse(block_size=32, local_blocks=0, global_blocks=0,
+                                                       random_blocks=0))
+    with pytest.raises(ValueError, match="straddle blocks of the block-sparse layout"):
+        flash_attention(q, q, q, mask=sparse, q_offset=0, k_valid_BS=None, block_q=64, block_k=64,
+                        interpret=True)
+    with pytest.raises(ValueError, match="block_q=24: tiles must be powers of two >= 16"):
+        flash_attention(q, q, q, mask=MaskSpec(), q_offset=0, k_valid_BS=None, block_q=24,
+                        interpret=True)
+
+
+def test_block_map_in_bands_equals_one_dense_evaluation():
+    mask = MaskSpec(window=300, sparse=BlockSparse(block_size=64, random_blocks=2, seed=5))
+    any_visible, all_visible = mask.block_map(4000, 4100, 64, 64, q_offset=100)  # several bands
+    q_pos, k_pos = 100 + np.arange(63 * 64), np.arange(65 * 64)
+    dense = mask.allowed(q_pos, np.where(k_pos < 4100, k_pos, -1)) & (np.arange(63 * 64) < 4000)[:, None]
+    tiles = dense.reshape(63, 64, 65, 64)
+    np.testing.assert_array_equal(any_visible, tiles.any(axis=(1, 3)))
+    np.testing.assert_array_equal(all_visible, tiles.all(axis=(1, 3)))

@@ -134,8 +134,9 @@ def _pallas_unsupported(call: AttentionCall) -> str | None:
     if call.static_offset is None or call.k_positions is not None:
         return (f"traced query offsets or key positions with {rows} query rows per KV head "
                 f"(decode kernel takes <= {pallas_decode.MAX_ROWS})")
+    block_q, block_k = pallas_flash.default_blocks(call.mask, call.q_BTNH.shape[-1])
     return (f"block-sparse block_size {call.mask.sparse.block_size} with query offset "
-            f"{call.static_offset} does not align with 16..64-wide kernel tiles")
+            f"{call.static_offset} does not align with {block_q}x{block_k} kernel tiles")
 
 
 def _pallas(call: AttentionCall) -> jax.Array:

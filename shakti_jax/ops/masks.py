@@ -112,7 +112,14 @@ class MaskSpec:
             ok = ok & ((i - j < self.window) if self.causal else (xp.abs(i - j) < self.window))
         if self.sparse is not None:
             bs = self.sparse.block_size
-            ok = ok & self.sparse.allows_blocks(i // bs, xp.maximum(j, 0) // bs)
+            qb, kb = i // bs, xp.maximum(j, 0) // bs
+            if xp is np:  # host: evaluate each (query block, key block) pair once, then gather
+                q_lo, k_lo = qb.min(initial=0), kb.min(initial=0)
+                table = self.sparse.allows_blocks(np.arange(q_lo, qb.max(initial=0) + 1)[:, None],
+                                                  np.arange(k_lo, kb.max(initial=0) + 1)[None, :])
+                ok = ok & table[qb - q_lo, kb - k_lo]
+            else:
+                ok = ok & self.sparse.allows_blocks(qb, kb)
         return ok
 
     def block_map(self, q_len: int, kv_len: int, block_q: int, block_k: int, q_offset: int = 0):
@@ -120,14 +127,21 @@ class MaskSpec:
 
         Tiles cover positions q_offset + [0, q_len) and [0, kv_len); tail tiles are
         padded with positions that count as not visible. Segment ids are not included.
+        Evaluated a band of query tiles at a time, so host memory stays ~O(2^22) elements.
         """
         nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
-        q_pos = q_offset + np.arange(nq * block_q)
         k_pos = np.arange(nk * block_k)
-        dense = np.array(self.allowed(q_pos, np.where(k_pos < kv_len, k_pos, -1)))  # writable
-        dense[q_len:] = False
-        tiles = dense.reshape(nq, block_q, nk, block_k)
-        return tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
+        k_pos = np.where(k_pos < kv_len, k_pos, -1)
+        any_visible, all_visible = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
+        band = max(1, (1 << 22) // (block_q * nk * block_k))  # query tiles per step
+        for start in range(0, nq, band):
+            stop = min(nq, start + band)
+            rows = np.arange(start * block_q, stop * block_q)
+            dense = np.array(self.allowed(q_offset + rows, k_pos))  # writable copy
+            dense[rows >= q_len] = False
+            tiles = dense.reshape(stop - start, block_q, nk, block_k)
+            any_visible[start:stop], all_visible[start:stop] = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
+        return any_visible, all_visible
 
     def visible_keys_per_query(self, seq_len: int) -> float:
         """Mean number of visible keys per query over a sequence of `seq_len` (for FLOP counts)."""

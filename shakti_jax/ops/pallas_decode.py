@@ -84,8 +84,17 @@ def _decode_bwd(scale, block_k, interpret, residuals, do):
 _decode_vjp.defvjp(_decode_fwd, _decode_bwd)
 
 
+def decode_block(cache_len: int, head_dim: int) -> int:
+    """Key tile: the widest of 64/32/16 (32/16 for head_dim > 128) that divides the cache, so the
+    cache is not copied to pad it; the widest otherwise."""
+    widths = (32, 16) if head_dim > 128 else (64, 32, 16)
+    return next((w for w in widths if cache_len % w == 0), widths[0])
+
+
 def decode_attention(q_BTNH, k_BSKH, v_BSKH, ok_BTS, *, scale: float | None = None,
-                     block_k: int = 64, interpret: bool = False):
+                     block_k: int | None = None, interpret: bool = False):
     """Attention of T (T * G <= MAX_ROWS) queries over a cache, given visibility ok_BTS."""
-    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else float(scale)
+    H = q_BTNH.shape[-1]
+    scale = H ** -0.5 if scale is None else float(scale)
+    block_k = block_k or decode_block(k_BSKH.shape[1], H)
     return _decode_vjp(q_BTNH, k_BSKH, v_BSKH, ok_BTS, scale, block_k, interpret)

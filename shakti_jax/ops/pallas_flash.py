@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from shakti_jax.ops.masks import MaskSpec
-from shakti_jax.ops.tiles import TilePlan, tile_plan
+from shakti_jax.ops.tiles import TilePlan, sparse_tiles_aligned, tile_plan
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: Triton block shapes
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -247,7 +247,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def default_blocks(mask: MaskSpec, head_dim: int) -> tuple[int, int]:
-    """Tile sizes: 64 x 64 by default, shrunk to divide a smaller block-sparse layout block."""
+    """Tile sizes: 64 x 64 (32 x 32 for head_dim 256), halved down to 16 while they do not divide
+    a block-sparse layout block (`sparse_tiles_aligned` says whether that succeeded)."""
     block = 64 if head_dim <= 128 else 32
     if mask.sparse is not None:
         while block > 16 and mask.sparse.block_size % block:
@@ -269,6 +270,12 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, mask: MaskSpec, q_offset: int, k_
     S = k_BSKH.shape[1]
     default_q, default_k = default_blocks(mask, H)
     bq, bk = block_q or default_q, block_k or default_k
+    for name, block in (("block_q", bq), ("block_k", bk)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"{name}={block}: tiles must be powers of two >= 16 (Triton)")
+    if not sparse_tiles_aligned(mask, bq, bk, q_offset):
+        raise ValueError(f"tiles {bq}x{bk} at query offset {q_offset} straddle blocks of the "
+                         f"block-sparse layout (block_size {mask.sparse.block_size})")
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
     k_pos_BS = jnp.broadcast_to(jnp.arange(Sp, dtype=jnp.int32), (B, Sp))
     if k_valid_BS is not None:

@@ -5,8 +5,11 @@ Mapping: dense causal -> CausalMask, window -> LocalMask (causal: (W-1, 0), bidi
 spec evaluated on the host; the query offset is the masks' `offset`. Segment ids, kv_len and the
 padding to whole 128-blocks all become splash SegmentIds. GQA runs splash's MQA kernel once per
 KV head (vmapped), so K/V are never repeated. Splash has no notion of an empty row, so rows
-with no visible key are zeroed here from the spec's visibility (a fused XLA reduction).
-Needs static positions: decode with traced offsets or ring-buffer keys is not expressible.
+with no visible key are zeroed here from the spec's visibility (a fused XLA reduction, O(T * S)
+compares). Splash takes no softmax scale, so q is pre-scaled in its own dtype: in bf16 that
+rounds each logit by up to 2^-9 relative when head_dim is not a power of 4. Block-sparse
+layouts go in as a dense host-side NumpyMask (T x S bytes). Needs static positions: decode with
+traced offsets or ring-buffer keys is not expressible.
 """
 
 from __future__ import annotations

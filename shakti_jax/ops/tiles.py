@@ -20,8 +20,8 @@ class TilePlan:
 
     kv_blocks_QP: for query tile i, the key tiles to visit (first kv_count_Q[i] entries).
     q_blocks_KP:  for key tile j, the query tiles that see it (first q_count_K[j] entries).
-    Both have power-of-two shapes (Triton block shapes): rows past the last tile have count 0,
-    and lists are padded with copies of a valid index.
+    Both have power-of-two shapes (Triton block shapes): rows past the last tile, and tiles that
+    see nothing, have count 0; lists are padded with copies of their last index (or 0).
     """
 
     block_q: int
