@@ -116,6 +116,14 @@ def _xla(call: AttentionCall) -> jax.Array:
                                scale=call.scale)
 
 
+def _flash_fits(call: AttentionCall) -> bool:
+    """Whether the tiled flash kernel can run `call`: static positions, tiles inside layout blocks."""
+    if call.static_offset is None or call.k_positions is not None:
+        return False
+    block_q, block_k = pallas_flash.default_blocks(call.mask, call.q_BTNH.shape[-1])
+    return tiles.sparse_tiles_aligned(call.mask, block_q, block_k, call.static_offset)
+
+
 def _pallas_unsupported(call: AttentionCall) -> str | None:
     if jax.default_backend() == "tpu":
         return "the Pallas kernels lower through Triton (GPU); use impl='splash' on TPU"
@@ -124,31 +132,26 @@ def _pallas_unsupported(call: AttentionCall) -> str | None:
         return f"dtype {dtype} (supported: float32, bfloat16, float16)"
     if head_dim not in pallas_flash.SUPPORTED_HEAD_DIMS:
         return f"head_dim {head_dim} (supported: {pallas_flash.SUPPORTED_HEAD_DIMS})"
-    if call.static_offset is not None and call.k_positions is None:
-        block_q, block_k = pallas_flash.default_blocks(call.mask, head_dim)
-        if tiles.sparse_tiles_aligned(call.mask, block_q, block_k, call.static_offset):
-            return None
+    if _flash_fits(call):
+        return None
     rows = call.q_BTNH.shape[1] * call.q_BTNH.shape[2] // call.k_BSKH.shape[2]
     if rows <= pallas_decode.MAX_ROWS:
         return None
     if call.static_offset is None or call.k_positions is not None:
         return (f"traced query offsets or key positions with {rows} query rows per KV head "
                 f"(decode kernel takes <= {pallas_decode.MAX_ROWS})")
-    block_q, block_k = pallas_flash.default_blocks(call.mask, call.q_BTNH.shape[-1])
+    block_q, block_k = pallas_flash.default_blocks(call.mask, head_dim)
     return (f"block-sparse block_size {call.mask.sparse.block_size} with query offset "
             f"{call.static_offset} does not align with {block_q}x{block_k} kernel tiles")
 
 
 def _pallas(call: AttentionCall) -> jax.Array:
     interpret = jax.default_backend() == "cpu"
-    head_dim = call.q_BTNH.shape[-1]
-    if call.static_offset is not None and call.k_positions is None:
-        block_q, block_k = pallas_flash.default_blocks(call.mask, head_dim)
-        if tiles.sparse_tiles_aligned(call.mask, block_q, block_k, call.static_offset):
-            return pallas_flash.flash_attention(
-                call.q_BTNH, call.k_BSKH, call.v_BSKH, mask=call.mask, q_offset=call.static_offset,
-                k_valid_BS=call.k_valid_BS, segment_ids=call.segment_ids, scale=call.scale,
-                interpret=interpret)
+    if _flash_fits(call):
+        return pallas_flash.flash_attention(
+            call.q_BTNH, call.k_BSKH, call.v_BSKH, mask=call.mask, q_offset=call.static_offset,
+            k_valid_BS=call.k_valid_BS, segment_ids=call.segment_ids, scale=call.scale,
+            interpret=interpret)
     return pallas_decode.decode_attention(call.q_BTNH, call.k_BSKH, call.v_BSKH,
                                           call.visibility_BTS(), scale=call.scale, interpret=interpret)
 
