@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from shakti_jax.ops.pallas_flash import f32_dot, online_softmax_step, softmax_init
+from shakti_jax.ops.pallas_flash import f32_dot, online_softmax_step, softmax_init, triton_params
 from shakti_jax.ops.reference import reference_attention
 
 MAX_ROWS = 128  # T * G rows per program; beyond this use the flash kernel or the reference
@@ -50,17 +50,13 @@ def _decode(q_BTNH, k_BSKH, v_BSKH, ok_BTS, scale, block_k, interpret):
     pad_k = ((0, 0), (0, Sp - S), (0, 0), (0, 0))
     kv_spec = pl.BlockSpec((None, Sp, None, H), lambda b, h: (b, 0, h, 0))
     q_spec = pl.BlockSpec((None, None, rows, H), lambda b, h: (b, h, 0, 0))
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=4, num_stages=2)
     out_BKRH = pl.pallas_call(
         functools.partial(_decode_kernel, scale=scale, block_k=block_k),
         grid=(B, K),
         in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None, rows, Sp), lambda b, h: (b, 0, 0))],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q_BKRH.shape, q_BTNH.dtype),
-        compiler_params=params, interpret=interpret, name="shakti_decode",
+        compiler_params=triton_params(interpret), interpret=interpret, name="shakti_decode",
     )(q_BKRH, jnp.pad(k_BSKH, pad_k), jnp.pad(v_BSKH, pad_k), ok_BRS)
     out = out_BKRH[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
     return out.reshape(B, T, N, H)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from shakti_jax.ops.masks import MaskSpec
 from shakti_jax.ops.tiles import TilePlan, sparse_tiles_aligned, tile_plan
@@ -39,15 +40,11 @@ class FlashStatic:
     scale: float
     has_segments: bool
     interpret: bool
-    num_warps: int = 4
-    num_stages: int = 2
 
 
-def _compiler_params(static: FlashStatic):
-    if static.interpret:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=static.num_warps, num_stages=static.num_stages)
+def triton_params(interpret: bool):
+    """Triton compiler settings for the GPU (untuned defaults), None in interpret mode."""
+    return None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
 def f32_dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
@@ -177,7 +174,7 @@ def _forward(static: FlashStatic, q, k, v, k_pos, q_seg, k_seg):
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
-        compiler_params=_compiler_params(static),
+        compiler_params=triton_params(static.interpret),
         interpret=static.interpret,
         name="shakti_flash_forward",
     )(jnp.asarray(plan.kv_blocks_QP), jnp.asarray(plan.kv_count_Q), q, k, v, k_pos, q_seg, k_seg)
@@ -190,7 +187,7 @@ def _backward(static: FlashStatic, residuals, do, dlse_BNT):
     G, bq, bk, plan = N // K, static.plan.block_q, static.plan.block_k, static.plan
     # dL/ds = p * (dp - delta) with delta = rowsum(o * do) - dlse (lse's own cotangent)
     delta_BNT = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32)) - dlse_BNT
-    params = _compiler_params(static)
+    params = triton_params(static.interpret)
 
     q_spec = pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0))
     kv_spec = pl.BlockSpec((None, S, None, H), lambda b, n, i: (b, 0, n // G, 0))
