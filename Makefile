@@ -11,10 +11,14 @@ DEMO_DIR ?= demo_out
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
+# ../shared/wheels (when present) holds a prebuilt llama-cpp-python, so set-up skips its source build.
+WHEELS := $(wildcard ../shared/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,edge,hf]"
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e ".[test,edge,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -27,7 +27,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from shakti_jax.ops import BlockSparse, MaskSpec, attention
+from shakti_jax.ops.attention import attention
+from shakti_jax.ops.masks import BlockSparse, MaskSpec
 from shakti_jax.ops.pallas_flash import default_blocks
 from shakti_jax.ops.tiles import tile_plan
 

@@ -27,13 +27,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data_pipelines.errors import DataError
+
 KINDS = ("text", "jsonl", "parquet", "array_record", "tfds", "tfds_dir", "default")
 _SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet",
              "array_record": ".array_record"}
-
-
-class DataError(ValueError):
-    """Bad data or a bad source spec; the one-line message names the file and line."""
 
 
 @dataclasses.dataclass(frozen=True)

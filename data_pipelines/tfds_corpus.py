@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines.sources import DataError, open_source
-from shakti_jax.cli import ArgumentParser, fail
+from data_pipelines.cli import ArgumentParser, fail
 
 
 class ShaktiCorpus(tfds.core.GeneratorBasedBuilder):

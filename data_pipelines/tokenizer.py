@@ -27,7 +27,8 @@ from typing import Sequence
 import sentencepiece as spm
 
 from data_pipelines.atomic import write_atomic
-from shakti_jax.cli import ArgumentParser, fail
+from data_pipelines.cli import ArgumentParser, fail
+from data_pipelines.errors import TokenizerError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -35,10 +36,6 @@ CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # 256 byte pieces + 4 control pieces + the chat tokens, plus room for some characters and merges.
 MIN_VOCAB = 300
 _CHAT_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
-
-
-class TokenizerError(ValueError):
-    """Bad tokenizer input; the message is one line naming the file or value."""
 
 
 def _check_input(path: Path) -> None:

@@ -21,16 +21,18 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-from shakti_jax.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from data_pipelines.errors import UserError
 from shakti_jax.ops.masks import BlockSparse, MaskSpec
 
 LAYER_KINDS = ("global", "window", "block_sparse")
 MLP_KINDS = ("swiglu", "silu")
 NORM_KINDS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
+# Attention implementations (shakti_jax.ops.attention dispatches on them; "auto" picks by backend).
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is invalid; the message names the key."""
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from shakti_jax.cli import ArgumentParser, fail
+from data_pipelines.cli import ArgumentParser, fail
 from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.export.canonical import CanonicalModel, ExportError, canonicalize
 from shakti_jax.export.gguf_export import check_quantizable, gguf_tensor_count, quant_type, write_gguf

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shakti_jax.cli import ArgumentParser, fail
+from data_pipelines.cli import ArgumentParser, fail
 from shakti_jax.config import ConfigError, ModelConfig, get_config
 from shakti_jax.model import Transformer, init_cache
 

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Sequence
 
-from shakti_jax.cli import ArgumentParser, fail
+from data_pipelines.cli import ArgumentParser, fail
 from shakti_jax.config import CONFIGS, NOMINAL_PARAMS, ConfigError, get_config
 from shakti_jax.model_stats import summary
 

@@ -21,7 +21,9 @@ from flax import nnx
 from shakti_jax.config import get_config
 from shakti_jax.generate import generate
 from shakti_jax.model import Transformer
-from shakti_jax.ops import BlockSparse, MaskSpec, attention, splash
+from shakti_jax.ops import splash
+from shakti_jax.ops.attention import attention
+from shakti_jax.ops.masks import BlockSparse, MaskSpec
 from shakti_jax.ops.pallas_flash import flash_attention
 from shakti_jax.ops.reference import dense_mask, positions, reference_attention
 from shakti_jax.ops.tiles import tile_plan

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shakti_jax.ops import BlockSparse, MaskSpec, attention
+from shakti_jax.ops.attention import attention
+from shakti_jax.ops.masks import BlockSparse, MaskSpec
 
 
 def brute_force(spec: MaskSpec, q_pos, k_pos, q_seg=None, k_seg=None):

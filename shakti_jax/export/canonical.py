@@ -21,6 +21,7 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
+from data_pipelines.errors import UserError
 from shakti_jax.config import ModelConfig
 
 RopePairing = Literal["halves", "interleaved"]
@@ -29,7 +30,7 @@ RopePairing = Literal["halves", "interleaved"]
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The model or request cannot be exported as asked; the message is one line."""
 
 

@@ -8,7 +8,7 @@ from flax import nnx
 from shakti_jax.config import ModelConfig
 from shakti_jax.model.kv_cache import LayerCache
 from shakti_jax.model.layers import apply_rope, param
-from shakti_jax.ops import attention
+from shakti_jax.ops.attention import attention
 
 
 class Attention(nnx.Module):

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shakti_jax.config import ATTENTION_IMPLS as IMPLEMENTATIONS
 from shakti_jax.ops import pallas_decode, pallas_flash, splash, tiles
 from shakti_jax.ops.masks import MaskSpec
 from shakti_jax.ops.reference import dense_mask, positions, reference_attention
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
