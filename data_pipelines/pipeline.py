@@ -1,75 +1,164 @@
 """Pretraining batches: mixed sources -> tokenize -> pack -> batch, deterministic and resumable.
 
 The order of documents is a pure function of (seed, epoch, index): each source is reshuffled
-every epoch with grain's index shuffle, sources are mixed by weight, and each host takes
-every `process_count`-th document. Packing concatenates documents into rows of `seq_len + 1`
-tokens with segment ids and per-document positions; inputs are the first `seq_len` tokens,
-targets the last `seq_len`, and a target counts only when it belongs to the same document as
-its input. The iterator's `get_state()` / `set_state()` go into checkpoints, so a resumed run
-sees exactly the batches it would have seen.
+every epoch by grain (`MapDataset.shuffle().repeat()`), sources are mixed by weight, and each
+host takes every `process_count`-th document. Packing concatenates documents into rows of
+`seq_len + 1` tokens with segment ids and per-document positions; inputs are the first `seq_len`
+tokens, targets the last `seq_len`, and a target counts only when it belongs to the same
+document as its input. The iterator's `get_state()` / `set_state()` go into checkpoints, so a
+resumed run sees exactly the batches it would have seen.
+
+Bad records (`data.bad_records`) raise a one-line `DataError`, or are skipped and counted in a
+`SkippedRecords`; a stream in which no record is usable raises instead of spinning forever.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import math
 import threading
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, index_shuffle
+from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
 
 from data_pipelines.chat import Rendered, render, truncate
+from data_pipelines.errors import DataError, UserError
 from data_pipelines.records import Conversation, PreferencePair
-from data_pipelines.sources import DataError, Document, SourceSpec, open_source
-from data_pipelines.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from data_pipelines.sources import Document, SourceSpec, open_source
+from data_pipelines.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 BAD_RECORD_POLICIES = ("error", "skip")
 _EPOCHS = 1_000_000  # "forever": the index space covers this many passes over each source
 
 
 class SkippedRecords:
-    """Thread-safe counts of skipped records by problem (and of prompt tokens trimmed to fit
-    the context), reported in the metrics."""
+    """Bad records skipped, by problem, and prompt tokens trimmed to fit the context.
+
+    Each record counts once, told apart by its `where` (file:line): read-ahead, later epochs
+    and a resumed run that read a record again do not count it again. Thread-safe;
+    `get_state()` is JSON-ready for checkpoints and `set_state()` restores it.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._counts: collections.Counter[str] = collections.Counter()
-        self.trimmed_tokens = 0
+        self._problems: dict[str, str] = {}  # where -> problem
+        self._trimmed: dict[str, int] = {}  # where -> prompt tokens trimmed
 
-    def add(self, problem: str) -> None:
+    def add(self, where: str, problem: str) -> None:
         with self._lock:
-            self._counts[problem] += 1
+            self._problems.setdefault(where, problem)
 
-    def add_trimmed(self, tokens: int) -> None:
-        with self._lock:
-            self.trimmed_tokens += tokens
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+    def add_trimmed(self, where: str, tokens: int) -> None:
+        if tokens > 0:
+            with self._lock:
+                self._trimmed[where] = tokens
 
     @property
     def total(self) -> int:
-        return sum(self.counts().values())
+        with self._lock:
+            return len(self._problems)
+
+    @property
+    def by_problem(self) -> dict[str, int]:
+        with self._lock:
+            return dict(collections.Counter(self._problems.values()))
+
+    @property
+    def trimmed_tokens(self) -> int:
+        with self._lock:
+            return sum(self._trimmed.values())
+
+    def summary(self) -> str:
+        """One line: "N records: K x problem; ..."."""
+        counts = sorted(self.by_problem.items(), key=lambda kv: (-kv[1], kv[0]))
+        return f"{sum(n for _, n in counts)} records: " + "; ".join(f"{n} x {p}" for p, n in counts)
+
+    def get_state(self) -> dict[str, Any]:
+        """`{"skipped": {problem: {file: [line, ...]}}, "trimmed": {file: {line: tokens}}}`."""
+        skipped: dict[str, dict[str, list[str]]] = {}
+        trimmed: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for where, problem in self._problems.items():
+                file, line = _split_where(where)
+                skipped.setdefault(problem, {}).setdefault(file, []).append(line)
+            for where, tokens in self._trimmed.items():
+                file, line = _split_where(where)
+                trimmed.setdefault(file, {})[line] = tokens
+        return {"skipped": skipped, "trimmed": trimmed}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        problems = {_join_where(file, line): problem
+                    for problem, files in state["skipped"].items()
+                    for file, lines in files.items() for line in lines}
+        trimmed = {_join_where(file, line): int(tokens)
+                   for file, lines in state["trimmed"].items() for line, tokens in lines.items()}
+        with self._lock:
+            self._problems, self._trimmed = problems, trimmed
+
+
+def _split_where(where: str) -> tuple[str, str]:
+    file, _, line = where.rpartition(":")
+    return (file, line) if file else ("", where)
+
+
+def _join_where(file: str, line: str) -> str:
+    return f"{file}:{line}" if file else line
+
+
+class BadRecords:
+    """`data.bad_records` for one dataset: raise on a bad record, or skip it into `skipped`.
+
+    Skipping gives up with a `DataError` after `patience` bad records in a row: a whole pass
+    for a one-pass dataset, `_patience` for an endless one; by then every record has been read,
+    so none is usable and the stream would otherwise spin forever.
+    """
+
+    def __init__(self, policy: str, skipped: SkippedRecords | None, patience: int):
+        if policy not in BAD_RECORD_POLICIES:
+            raise DataError(f"data.bad_records={policy!r} must be one of {BAD_RECORD_POLICIES}")
+        self.skipped = skipped if skipped is not None else SkippedRecords()
+        self._policy, self._patience = policy, patience
+        self._lock = threading.Lock()
+        self._in_a_row = 0
+
+    def reject(self, where: str, problem: str) -> None:
+        if self._policy == "error":
+            raise DataError(f"{where}: {problem}")
+        self.skipped.add(where, problem)
+        with self._lock:
+            self._in_a_row += 1
+            stuck = self._in_a_row >= self._patience
+        if stuck:
+            raise DataError(f"data.bad_records=skip: no usable record in {self._patience} "
+                            f"records in a row; skipped {self.skipped.summary()}")
+
+    def accept(self) -> None:
+        with self._lock:
+            self._in_a_row = 0
+
+
+def _patience(lengths: Sequence[int], weights: Sequence[float], process_count: int) -> int:
+    """Records of an endless mixture read in a row before each source has been read through a
+    whole epoch: twice a source's length over its share of the mixture, times the hosts."""
+    total = sum(weights)
+    return process_count * max(math.ceil((2 * n + 1) * total / w) for n, w in zip(lengths, weights))
 
 
 class DocumentTokenizer:
-    """Document -> int32 ids `[BOS] text [EOS]`, or None (skipped) / DataError (by policy)."""
+    """Document -> int32 ids `[BOS] text [EOS]` (text read as plain text), or None if skipped."""
 
-    def __init__(self, tokenizer: Tokenizer, bad_records: str, skipped: SkippedRecords):
-        if bad_records not in BAD_RECORD_POLICIES:
-            raise DataError(f"data.bad_records={bad_records!r} must be one of {BAD_RECORD_POLICIES}")
-        self._tokenizer, self._bad_records, self._skipped = tokenizer, bad_records, skipped
+    def __init__(self, tokenizer: Tokenizer, bad: BadRecords):
+        self._tokenizer, self._bad = tokenizer, bad
 
     def __call__(self, doc: Document) -> np.ndarray | None:
         if doc.text is None:
-            if self._bad_records == "error":
-                raise DataError(f"{doc.where}: {doc.problem}")
-            self._skipped.add(doc.problem)
+            self._bad.reject(doc.where, doc.problem)
             return None
-        ids = self._tokenizer.encode(doc.text)
-        return np.asarray([BOS_ID, *ids, EOS_ID], np.int32)
+        self._bad.accept()
+        return np.asarray([BOS_ID, *self._tokenizer.encode(doc.text), EOS_ID], np.int32)
 
 
 def split_indices(n: int, holdout_every: int, part: str) -> np.ndarray:
@@ -81,15 +170,11 @@ def split_indices(n: int, holdout_every: int, part: str) -> np.ndarray:
     return index[~held] if part == "train" else index[held]
 
 
-def _shuffled_forever(docs: Sequence[Document], indices: np.ndarray, seed: int) -> grain.MapDataset:
-    n = len(indices)
-
-    def pick(i: int) -> Document:
-        epoch, within = divmod(int(i), n)
-        j = within if n == 1 else index_shuffle(within, max_index=n - 1, seed=seed + epoch, rounds=4)
-        return docs[int(indices[j])]
-
-    return grain.MapDataset.range(n * _EPOCHS).map(pick)
+def _shuffled_forever(docs: Sequence[Any], indices: np.ndarray, seed: int) -> grain.MapDataset:
+    """`docs[indices]`, reshuffled every epoch by grain: the order is a pure function of
+    (seed, epoch, index), the same as `index_shuffle(seed=seed + epoch, rounds=4)`."""
+    shuffled = grain.MapDataset.range(len(indices)).shuffle(seed).repeat(_EPOCHS)
+    return shuffled.map(lambda j: docs[int(indices[j])])
 
 
 def open_sources(specs: Sequence[str]) -> list[tuple[SourceSpec, Sequence[Document]]]:
@@ -102,29 +187,36 @@ def open_sources(specs: Sequence[str]) -> list[tuple[SourceSpec, Sequence[Docume
 def train_batches(sources: Sequence[tuple[SourceSpec, Sequence[Document]]], tokenizer: Tokenizer, *,
                   batch_size: int, seq_len: int, seed: int, holdout_every: int = 0,
                   bad_records: str = "error", skipped: SkippedRecords | None = None,
-                  process_index: int = 0, process_count: int = 1,
-                  num_threads: int = 2) -> grain.IterDataset:
-    """Endless packed batches for this host: dicts of [batch_size, seq_len] int32 arrays."""
-    parts = []
+                  process_index: int = 0, process_count: int = 1, num_threads: int = 2,
+                  align: int = 1) -> grain.IterDataset:
+    """Endless packed batches for this host: dicts of [batch_size, seq_len] arrays.
+
+    `align > 1` starts every document (and every piece of one split across rows) at a row
+    position that is a multiple of `align`, which must divide `seq_len`; see `_pack_aligned`.
+    """
+    parts, lengths = [], []
     for s, (spec, docs) in enumerate(sources):
         indices = split_indices(len(docs), holdout_every, "train")
         if len(indices) == 0:
             raise DataError(f"data source {spec.kind}:{spec.path} has no training documents")
         parts.append(_shuffled_forever(docs, indices, seed * 1009 + s))
+        lengths.append(len(indices))
     weights = [spec.weight for spec, _ in sources]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    mixed = mixed[process_index::process_count]
-    return _pack(mixed, tokenizer, batch_size, seq_len, bad_records, skipped, num_threads)
+    bad = BadRecords(bad_records, skipped, _patience(lengths, weights, process_count))
+    return _pack(mixed[process_index::process_count], tokenizer, batch_size, seq_len, bad,
+                 num_threads, align)
 
 
 def eval_batches(sources: Sequence[tuple[SourceSpec, Sequence[Document]]], tokenizer: Tokenizer, *,
                  batch_size: int, seq_len: int, holdout_every: int = 0,
                  bad_records: str = "error", skipped: SkippedRecords | None = None,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                 process_index: int = 0, process_count: int = 1,
+                 align: int = 1) -> grain.IterDataset:
     """Held-out packed batches in a fixed order (one pass, the last partial batch dropped).
 
     With `holdout_every > 0` the held-out documents of the training sources; with 0, every
-    document of `sources` (separate evaluation sources).
+    document of `sources` (separate evaluation sources). `align` as in `train_batches`.
     """
     docs = []
     for spec, source in sources:
@@ -133,16 +225,53 @@ def eval_batches(sources: Sequence[tuple[SourceSpec, Sequence[Document]]], token
     if not docs:
         raise DataError("no held-out documents for evaluation; lower data.holdout_every")
     ds = grain.MapDataset.source(docs)[process_index::process_count]
-    return _pack(ds, tokenizer, batch_size, seq_len, bad_records, skipped, num_threads=1)
+    bad = BadRecords(bad_records, skipped, patience=len(ds))
+    return _pack(ds, tokenizer, batch_size, seq_len, bad, 1, align)
 
 
 def _pack(docs: grain.MapDataset, tokenizer: Tokenizer, batch_size: int, seq_len: int,
-          bad_records: str, skipped: SkippedRecords | None, num_threads: int) -> grain.IterDataset:
-    to_ids = DocumentTokenizer(tokenizer, bad_records, skipped or SkippedRecords())
-    ds = docs.map(to_ids).map(lambda ids: None if ids is None else {"tokens": ids})
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=256))
+          bad: BadRecords, num_threads: int, align: int) -> grain.IterDataset:
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1 or seq_len % align:
+        raise UserError(f"align={align!r} must be a positive integer dividing seq_len={seq_len}")
+    ds = docs.map(DocumentTokenizer(tokenizer, bad))
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=256)
+    if align > 1:
+        return _pack_aligned(ds, read, batch_size, seq_len, align)
+    ds = ds.map(lambda ids: {"tokens": ids}).to_iter_dataset(read)
     ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
     return ds.batch(batch_size, drop_remainder=True).map(to_model_batch)
+
+
+def _pack_aligned(ids: grain.MapDataset, read: grain.ReadOptions, batch_size: int, seq_len: int,
+                  align: int) -> grain.IterDataset:
+    """Pack (input, target) pairs of each document, padded to a multiple of `align`, into rows
+    of `seq_len`: every element starts at a multiple of `align`, and so does the rest of one
+    split at a row end. Padding has segment id 0, position 0 and no loss."""
+    ds = ids.map(functools.partial(_aligned_pairs, align=align)).to_iter_dataset(read)
+    ds = ConcatThenSplitIterDataset(ds, length_struct=dict.fromkeys(_PAIR_FEATURES, seq_len))
+    return ds.batch(batch_size, drop_remainder=True).map(_aligned_model_batch)
+
+
+_PAIR_FEATURES = ("inputs", "targets", "real")
+
+
+def _aligned_pairs(ids: np.ndarray, align: int) -> dict[str, np.ndarray]:
+    pairs = len(ids) - 1
+    pad = (0, -pairs % align)
+    return {"inputs": np.pad(ids[:-1], pad, constant_values=PAD_ID),
+            "targets": np.pad(ids[1:], pad, constant_values=PAD_ID),
+            "real": np.pad(np.ones(pairs, np.int32), pad)}
+
+
+def _aligned_model_batch(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    real = packed["real"] > 0
+    return {
+        "inputs": packed["inputs"].astype(np.int32),
+        "targets": packed["targets"].astype(np.int32),
+        "loss_mask": real.astype(np.float32),
+        "segment_ids": np.where(real, packed["inputs_segment_ids"], 0).astype(np.int32),
+        "positions": np.where(real, packed["inputs_positions"], 0).astype(np.int32),
+    }
 
 
 def to_model_batch(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -179,37 +308,28 @@ def first_batches(dataset: grain.IterDataset, count: int) -> Iterator[dict[str, 
             close()
 
 
+def _too_long(max_len: int) -> str:
+    return f"answer alone is longer than the context ({max_len} tokens)"
+
+
 class ConversationEncoder:
-    """Conversation -> {"tokens", "loss_mask"} of at most `max_len` tokens, or None / DataError."""
+    """Conversation -> {"tokens", "loss_mask"} of at most `max_len` tokens, or None if skipped."""
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int, bad_records: str,
-                 skipped: SkippedRecords, last_turn_only: bool = False):
-        self._tokenizer, self._max_len = tokenizer, max_len
-        self._last_turn_only = last_turn_only
-        self._policy = DocumentTokenizer(tokenizer, bad_records, skipped)
-        self._skipped = skipped
-
-    def reject(self, where: str, problem: str) -> None:
-        self._policy(Document(None, where, problem))  # raises, or counts the skip
-
-    def encode(self, messages, where: str, cut: int | None = None) -> Rendered | None:
-        """Render and fit into the context; `cut` instead trims exactly that many prompt
-        tokens (so two replies can share one trimmed prompt)."""
-        full = render(self._tokenizer, messages, last_turn_only=self._last_turn_only)
-        length = len(full.ids)
-        rendered = truncate(full, min(self._max_len, length) if cut is None else length - cut)
-        if rendered is None:
-            self.reject(where, f"answer alone is longer than the context ({self._max_len} tokens)")
-            return None
-        self._skipped.add_trimmed(rendered.trimmed)
-        return rendered
+    def __init__(self, tokenizer: Tokenizer, max_len: int, bad: BadRecords):
+        self._tokenizer, self._max_len, self._bad = tokenizer, max_len, bad
 
     def __call__(self, conversation: Conversation) -> dict[str, np.ndarray] | None:
+        where = conversation.where
         if conversation.messages is None:
-            self.reject(conversation.where, conversation.problem)
+            self._bad.reject(where, conversation.problem)
             return None
-        rendered = self.encode(conversation.messages, conversation.where)
-        return None if rendered is None else {"tokens": rendered.ids, "loss_mask": rendered.loss_mask}
+        rendered = truncate(render(self._tokenizer, conversation.messages), self._max_len)
+        if rendered is None:
+            self._bad.reject(where, _too_long(self._max_len))
+            return None
+        self._bad.accept()
+        self._bad.skipped.add_trimmed(where, rendered.trimmed)
+        return {"tokens": rendered.ids, "loss_mask": rendered.loss_mask}
 
 
 def sft_batches(sources: Sequence[tuple[str, Sequence[Conversation]]], tokenizer: Tokenizer, *,
@@ -219,8 +339,9 @@ def sft_batches(sources: Sequence[tuple[str, Sequence[Conversation]]], tokenizer
                 process_count: int = 1, num_threads: int = 2) -> grain.IterDataset:
     """Packed SFT batches: whole conversations (never split) packed first-fit into rows, with
     the loss on assistant tokens only. `seed=None` reads the `part` once in file order."""
-    encode = ConversationEncoder(tokenizer, seq_len + 1, bad_records, skipped or SkippedRecords())
-    ds = _records_dataset(sources, holdout_every, part, seed, process_index, process_count)
+    ds, patience = _records_dataset(sources, holdout_every, part, seed, process_index,
+                                    process_count)
+    encode = ConversationEncoder(tokenizer, seq_len + 1, BadRecords(bad_records, skipped, patience))
     ds = ds.map(encode).to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                           prefetch_buffer_size=256))
     length = {"tokens": seq_len + 1, "loss_mask": seq_len + 1}
@@ -230,41 +351,50 @@ def sft_batches(sources: Sequence[tuple[str, Sequence[Conversation]]], tokenizer
 
 
 def _records_dataset(sources, holdout_every: int, part: str, seed: int | None,
-                     process_index: int, process_count: int) -> grain.MapDataset:
-    parts = []
+                     process_index: int, process_count: int) -> tuple[grain.MapDataset, int]:
+    """This host's records and the patience for bad records in a row."""
+    parts, lengths = [], []
     for s, (name, records) in enumerate(sources):
         indices = split_indices(len(records), holdout_every, part)
         if len(indices) == 0:
             raise DataError(f"data source {name} has no {part} records")
+        lengths.append(len(indices))
         if seed is None:
             parts.append(grain.MapDataset.source([records[int(i)] for i in indices]))
         else:
             parts.append(_shuffled_forever(records, indices, seed * 1009 + s))
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts) if seed is None \
-        else grain.MapDataset.mix(parts)
-    return ds[process_index::process_count]
+    if len(parts) == 1:
+        ds = parts[0]
+    else:
+        ds = grain.MapDataset.concatenate(parts) if seed is None else grain.MapDataset.mix(parts)
+    ds = ds[process_index::process_count]
+    if seed is None:
+        return ds, len(ds)
+    return ds, _patience(lengths, [1.0] * len(lengths), process_count)
 
 
 class PairEncoder:
-    """PreferencePair -> chosen / rejected rows padded to `seq_len + 1`, sharing one prompt."""
+    """(index, PreferencePair) -> chosen / rejected rows padded to `seq_len + 1`, sharing one
+    trimmed prompt; None if skipped."""
 
-    def __init__(self, tokenizer: Tokenizer, seq_len: int, bad_records: str,
-                 skipped: SkippedRecords):
-        self._encoder = ConversationEncoder(tokenizer, seq_len + 1, bad_records,
-                                            skipped or SkippedRecords(), last_turn_only=True)
-        self._tokenizer, self._length = tokenizer, seq_len + 1
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, bad: BadRecords):
+        self._tokenizer, self._length, self._bad = tokenizer, seq_len + 1, bad
 
     def __call__(self, item: tuple[int, PreferencePair]) -> dict[str, np.ndarray] | None:
         index, pair = item
         if pair.prompt is None:
-            self._encoder.reject(pair.where, pair.problem)
+            self._bad.reject(pair.where, pair.problem)
             return None
         # Both sides drop the same prompt tokens, so they are scored on one shared prompt.
-        turns = [[*pair.prompt, ("assistant", answer)] for answer in (pair.chosen, pair.rejected)]
-        cut = max(0, max(len(render(self._tokenizer, t).ids) for t in turns) - self._length)
-        chosen, rejected = (self._encoder.encode(t, pair.where, cut) for t in turns)
+        full = [render(self._tokenizer, [*pair.prompt, ("assistant", answer)], last_turn_only=True)
+                for answer in (pair.chosen, pair.rejected)]
+        cut = max(0, max(len(r.ids) for r in full) - self._length)
+        chosen, rejected = (truncate(r, len(r.ids) - cut) for r in full)
         if chosen is None or rejected is None:
+            self._bad.reject(pair.where, _too_long(self._length))
             return None
+        self._bad.accept()
+        self._bad.skipped.add_trimmed(pair.where, cut)
         out = {"index": np.int32(index)}
         for name, r in (("chosen", chosen), ("rejected", rejected)):
             pad = self._length - len(r.ids)
@@ -286,10 +416,13 @@ def dpo_batches(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, *, batch_
     if len(indices) == 0:
         raise DataError(f"no {part} preference pairs")
     items = [(int(i), pairs[int(i)]) for i in indices]
-    ds = grain.MapDataset.source(items)
-    if seed is not None:
-        ds = _shuffled_forever(items, np.arange(len(items)), seed)
-    ds = ds[process_index::process_count].map(PairEncoder(tokenizer, seq_len, bad_records, skipped))
+    if seed is None:
+        ds = grain.MapDataset.source(items)[process_index::process_count]
+        patience = len(ds)
+    else:
+        ds = _shuffled_forever(items, np.arange(len(items)), seed)[process_index::process_count]
+        patience = _patience([len(items)], [1.0], process_count)
+    ds = ds.map(PairEncoder(tokenizer, seq_len, BadRecords(bad_records, skipped, patience)))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
     return ds.batch(batch_size, drop_remainder=drop_remainder).map(to_pair_batch)
 

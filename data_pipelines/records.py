@@ -13,7 +13,8 @@ object keyed by id, or a list). Formats:
                                 to the last Assistant turn
              pairs              {"prompt" (text or messages), "chosen", "rejected"}
 
-Every example carries `where` ("file:line" or "file:id"). A record that cannot be used comes
+Every example carries `where` ("file:line" or "file:id", and "file:line instance K" for each
+of several Alpaca instances), unique within a file. A record that cannot be used comes
 back with a `problem`; the pipeline raises or skips and counts it, by config.
 """
 
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_pipelines.chat import check_messages
-from data_pipelines.sources import DataError, SourceSpec
+from data_pipelines.errors import DataError
+from data_pipelines.sources import SourceSpec
 
 SFT_FORMATS = ("prompt_completion", "messages", "alpaca", "pubmedqa")
 DPO_FORMATS = ("hh", "pairs")
@@ -82,9 +84,11 @@ def load_conversations(spec_text: str) -> list[Conversation]:
     fmt = spec.options["format"]
     out = []
     for where, obj in read_records(spec):
-        for messages, problem in _conversations(obj, fmt):
+        found = list(_conversations(obj, fmt))
+        for k, (messages, problem) in enumerate(found, start=1):
             problem = problem or check_messages(messages)
-            out.append(Conversation(None if problem else messages, where, problem or ""))
+            at = where if len(found) == 1 else f"{where} instance {k}"
+            out.append(Conversation(None if problem else messages, at, problem or ""))
     return out
 
 

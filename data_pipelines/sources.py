@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data_pipelines.cli import one_line
 from data_pipelines.errors import DataError
 
 KINDS = ("text", "jsonl", "parquet", "array_record", "tfds", "tfds_dir", "default")
@@ -92,6 +93,14 @@ def open_source(spec: str | SourceSpec) -> Sequence[Document]:
     if len(source) == 0:
         raise DataError(f"data source {spec.kind}:{spec.path} has no documents")
     return source
+
+
+def source_files(spec: str | SourceSpec) -> list[Path]:
+    """The local files a spec reads, sorted; none for `tfds:` names and the default corpus."""
+    spec = SourceSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.kind == "tfds_dir":
+        return sorted(p for p in Path(spec.path).rglob("*") if p.is_file())
+    return _files(spec) if spec.kind in _SUFFIXES else []
 
 
 def _files(spec: SourceSpec) -> list[Path]:
@@ -213,17 +222,8 @@ class ParquetSource:
     """One column of Parquet files; rows are located as `file:row N` (1-based)."""
 
     def __init__(self, files: Sequence[Path], field: str):
-        import pyarrow.parquet as pq
-
-        self._files, self._field, self._columns = list(files), field, []
-        for path in self._files:
-            try:
-                table = pq.read_table(path, columns=[field])
-            except (KeyError, ValueError) as err:
-                raise DataError(f"{path}: no column {field!r} ({err})") from None
-            except OSError as err:
-                raise DataError(f"{path} is not a readable Parquet file: {err}") from None
-            self._columns.append(table.column(field).to_pylist())
+        self._files, self._field = list(files), field
+        self._columns = [_parquet_column(path, field) for path in self._files]
         self._offsets = np.cumsum([0] + [len(c) for c in self._columns])
 
     def __len__(self) -> int:
@@ -234,6 +234,23 @@ class ParquetSource:
         row = index - int(self._offsets[f])
         value = self._columns[f][row]
         return _text_value(value, self._field, f"{self._files[f]}:row {row + 1}")
+
+
+def _parquet_column(path: Path, field: str) -> list[Any]:
+    """One column of a Parquet file as a list; a one-line DataError for a file that is not
+    Parquet, or that lacks the column (naming the columns it has)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path} is not a Parquet file ({one_line(err)})") from None
+    with parquet:
+        columns = parquet.schema_arrow.names
+        if field not in columns:
+            raise DataError(f"{path}: no column {field!r} (columns: {', '.join(columns)})")
+        return parquet.read(columns=[field]).column(field).to_pylist()
 
 
 class ArrayRecordSource:
@@ -273,7 +290,6 @@ class TfdsSource:
                  from_dir: bool = False):
         import tensorflow_datasets as tfds
 
-        import data_pipelines.tfds_corpus  # noqa: F401  registers shakti_corpus for data_source
         self._name, self._field, self._split = name, field, split
         try:
             if from_dir:

@@ -2,52 +2,79 @@
 
     python -m data_pipelines.tokenizer train --input corpus.txt --vocab_size 32000 --out tok
     python -m data_pipelines.tokenizer train --default_corpus --vocab_size 512 --out tok
-    python -m data_pipelines.tokenizer encode --model tok.model --text "Hello" [--json]
+    python -m data_pipelines.tokenizer encode --model tok.model --text "Hello" [--special] [--json]
 
 Training settings that matter for parity with llama.cpp's SPM tokenizer: identity
 normalisation (no NFKC), whitespace kept as written, byte fallback (no `<unk>` for unseen
 characters), digits split one per piece, and a dummy prefix space (exported as
 `tokenizer.ggml.add_space_prefix = true`).
 
-Chat tokens are user-defined pieces. Like llama.cpp (which always splits user-defined tokens out
-first), `Tokenizer.encode` cuts the text at chat tokens and encodes each stretch of plain text on
+Special tokens (`<unk> <s> </s> <pad>` and the chat tokens) are control or unknown pieces, which
+sentencepiece never matches inside text. `Tokenizer.encode` reads "<|end|>" or "</s>" in data or prompts as plain characters;
+only the chat renderer (`data_pipelines.chat`) inserts their ids. `encode(text, special=True)`
+instead reads special-token strings as their ids, as llama.cpp's `parse_special` and
+transformers' added tokens do: it cuts the text at them and encodes each stretch of plain text on
 its own, so every stretch gets the dummy prefix space: "<|user|>hi" -> [<|user|>, "▁hi"].
-Plain sentencepiece would give ["▁", <|user|>, "h", "i"] instead.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import sentencepiece as spm
 
 from data_pipelines.atomic import write_atomic
-from data_pipelines.cli import ArgumentParser, fail
+from data_pipelines.cli import ArgumentParser, run_main
 from data_pipelines.errors import TokenizerError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, *CHAT_TOKENS)
 # 256 byte pieces + 4 control pieces + the chat tokens, plus room for some characters and merges.
 MIN_VOCAB = 300
-_CHAT_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
+_SPECIAL_SPLIT = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
+_CHUNK = 1 << 20
 
 
 def _check_input(path: Path) -> None:
+    """Refuse a missing, unreadable or empty file, or one that is not UTF-8 text."""
     try:
         with path.open("rb") as f:
-            empty = not f.read(1)
+            size = _check_utf8_text(f, path)
     except FileNotFoundError:
         raise TokenizerError(f"input file {path} does not exist") from None
     except OSError as err:
         raise TokenizerError(f"input file {path} is unreadable: {err.strerror}") from None
-    if empty:
+    if size == 0:
         raise TokenizerError(f"input file {path} is empty")
+
+
+def _check_utf8_text(f, path: Path) -> int:
+    """Bytes in `f`; raises if they hold a NUL byte or are not UTF-8 (binary files)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    while chunk := f.read(_CHUNK):
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            raise TokenizerError(f"input file {path} is not text: NUL byte at offset {offset + nul}")
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(chunk)
+        except UnicodeDecodeError as err:
+            raise TokenizerError(f"input file {path} is not UTF-8 text: invalid byte at offset "
+                                 f"{offset - pending + err.start}") from None
+        offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise TokenizerError(f"input file {path} is not UTF-8 text: it ends inside a character") from None
+    return offset
 
 
 def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_prefix: str | Path, *,
@@ -81,7 +108,7 @@ def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_pref
             train_extremely_large_corpus=False,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
-            user_defined_symbols=list(CHAT_TOKENS), num_threads=2, minloglevel=2,
+            control_symbols=list(CHAT_TOKENS), num_threads=2, minloglevel=2,
         )
     except RuntimeError as err:
         raise _training_error(err, inputs, vocab_size) from None
@@ -115,7 +142,8 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, model_path: Path):
         self._sp = processor
         self._model_path = model_path
-        self._chat_ids = {piece: processor.PieceToId(piece) for piece in CHAT_TOKENS}
+        self._special_ids = {piece: processor.PieceToId(piece) for piece in SPECIAL_TOKENS}
+        self._chat_ids = {piece: self._special_ids[piece] for piece in CHAT_TOKENS}
         self._chat_pieces = {i: piece for piece, i in self._chat_ids.items()}
 
     @classmethod
@@ -135,7 +163,7 @@ class Tokenizer:
             raise TokenizerError(f"{path} was not trained by data_pipelines.tokenizer "
                                  f"(needs ids 0-3 = {UNK} {BOS} {EOS} {PAD} and chat tokens "
                                  f"{' '.join(CHAT_TOKENS)})")
-        return cls(processor, path)
+        return cls(_chat_tokens_as_control(processor), path)
 
     @property
     def model_path(self) -> Path:
@@ -165,22 +193,27 @@ class Tokenizer:
     def chat_token_ids(self) -> dict[str, int]:
         return dict(self._chat_ids)
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`; chat tokens in it become their single ids (as in llama.cpp)."""
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
+               special: bool = False) -> list[int]:
+        """Token ids of `text` as plain text: "<|end|>" or "</s>" in it are ordinary characters.
+
+        `special=True` reads special-token strings in `text` as their ids instead (llama.cpp's
+        `parse_special`, transformers' default), for chat templates written out by hand.
+        """
         ids = [BOS_ID] if add_bos else []
-        for part in _CHAT_SPLIT.split(text):
-            if part in self._chat_ids:
-                ids.append(self._chat_ids[part])
-            elif part:
-                ids.extend(self._sp.EncodeAsIds(part))
+        if not special:
+            ids += self._sp.EncodeAsIds(text)
+        else:
+            for part in _SPECIAL_SPLIT.split(text):
+                if part in self._special_ids:
+                    ids.append(self._special_ids[part])
+                elif part:
+                    ids.extend(self._sp.EncodeAsIds(part))
         return ids + [EOS_ID] if add_eos else ids
 
-    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
-                     add_eos: bool = False) -> list[list[int]]:
-        return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
-
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, the inverse of `encode`; BOS, EOS and padding decode to nothing."""
+        """Text of `ids`, the inverse of `encode`; chat tokens decode to their strings, BOS, EOS
+        and padding to nothing."""
         out, run = [], []
         for i in map(int, ids):
             if i in self._chat_pieces:
@@ -193,8 +226,22 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
 
-    def piece_to_id(self, piece: str) -> int:
-        return self._sp.PieceToId(piece)
+
+def _chat_tokens_as_control(processor: spm.SentencePieceProcessor) -> spm.SentencePieceProcessor:
+    """The processor with its chat tokens as control pieces, never matched inside text.
+
+    Models trained before this project made them control pieces hold them as user-defined
+    pieces, which sentencepiece cuts out of any text that contains them.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    if all(processor.IsControl(processor.PieceToId(p)) for p in CHAT_TOKENS):
+        return processor
+    proto = sentencepiece_model_pb2.ModelProto.FromString(processor.serialized_model_proto())
+    for piece in proto.pieces:
+        if piece.piece in CHAT_TOKENS:
+            piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,20 +257,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     encode = commands.add_parser("encode", help="print the token ids of a text")
     encode.add_argument("--model", required=True)
     encode.add_argument("--text", required=True)
+    encode.add_argument("--special", action="store_true",
+                        help="read special-token strings such as <|end|> as their ids")
     encode.add_argument("--json", action="store_true", help="print ids and pieces as JSON")
     for sub in (train, encode):
         sub.error = parser.error  # one-line usage errors for subcommands too
     args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            _train(args)
-        else:
-            tok = Tokenizer.load(args.model)
-            ids = tok.encode(args.text)
-            print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]})
-                  if args.json else " ".join(map(str, ids)))
-    except (ValueError, OSError) as err:
-        fail(" ".join(str(err).split()))
+    if args.command == "train":
+        _train(args)
+    else:
+        tok = Tokenizer.load(args.model)
+        ids = tok.encode(args.text, special=args.special)
+        print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]})
+              if args.json else " ".join(map(str, ids)))
     return 0
 
 
@@ -242,4 +288,4 @@ def _train(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

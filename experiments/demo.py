@@ -33,22 +33,22 @@ from experiments.sft import get_config as sft_config
 from shakti_jax.config import ModelConfig
 from shakti_jax.convert import convert, plan, table
 from shakti_jax.export import ExportError
-from shakti_jax.generate import Sampling, generate
+from shakti_jax.generate import Generator, Sampling
 from shakti_jax.info import render
 from shakti_jax.model_stats import summary
-from shakti_jax.train.checkpoint import load_model
+from shakti_jax.model import ModelDef
+from shakti_jax.train.checkpoint import load_params
 from shakti_jax.train.metrics import read_metrics
-from shakti_jax.train.step import ModelParts
 from shakti_jax.train.trainer import Trainer
 
 PROMPTS = ["Return the number of", "The default value is"]
 
 
-def _samples(model, tok: Tokenizer, max_new_tokens: int, label: str) -> list[list[int]]:
+def _samples(generator: Generator, tok: Tokenizer, max_new_tokens: int, label: str) -> list[list[int]]:
     prompts = [tok.encode(p, add_bos=True) for p in PROMPTS]
-    greedy = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
-    sampled = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                       sampling=Sampling(temperature=0.8, top_k=40, top_p=0.95), seed=1)
+    greedy = generator(prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+    sampled = generator(prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                        sampling=Sampling(temperature=0.8, top_k=40, top_p=0.95), seed=1)
     print(f"      samples {label}:")
     for prompt, g, s in zip(PROMPTS, greedy.tokens, sampled.tokens):
         print(f"        greedy  {prompt!r} -> {tok.decode(g)!r}")
@@ -88,9 +88,9 @@ def main() -> None:
     config.train.steps = args.steps
     config.train.eval_every = config.train.checkpoint_every = max(args.steps // 5, 1)
     config.optim.warmup_steps = min(config.optim.warmup_steps, args.steps // 10)
-    parts = ModelParts.build(ModelConfig.from_dict(config.model.to_dict()), config.train.seed)
-    print("[3/8] model:\n      " + render(summary(parts.cfg)).replace("\n", "\n      "))
-    _samples(parts.model(parts.init_params(config.train.seed)), tok, args.max_new_tokens,
+    model_def = ModelDef.from_config(ModelConfig.from_dict(config.model.to_dict()))
+    print("[3/8] model:\n      " + render(summary(model_def.config)).replace("\n", "\n      "))
+    _samples(Generator(model_def, model_def.init(config.train.seed)), tok, args.max_new_tokens,
              "before training (random init)")
 
     run_dir = workdir / "pretrain"
@@ -112,7 +112,7 @@ def main() -> None:
     questions = _finetuning_data(workdir)
     held_out = [q for i, q in enumerate(questions) if i % 10 == 9][:2]
     print("      answers of the pretrained model:")
-    _answers(load_model(run_dir).model, tok, held_out, args.max_new_tokens)
+    _answers(_generator(run_dir), tok, held_out, args.max_new_tokens)
 
     sft_dir = workdir / "sft"
     shutil.rmtree(sft_dir, ignore_errors=True)
@@ -125,7 +125,7 @@ def main() -> None:
     evals = [r for r in read_metrics(sft_dir) if "eval_loss" in r]
     print(f"      held-out answer loss {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}")
     print("      answers after SFT:")
-    _answers(load_model(sft_dir).model, tok, held_out, args.max_new_tokens)
+    _answers(_generator(sft_dir), tok, held_out, args.max_new_tokens)
 
     dpo_dir = workdir / "dpo"
     shutil.rmtree(dpo_dir, ignore_errors=True)
@@ -139,12 +139,13 @@ def main() -> None:
           f"{evals[-1]['eval_rewards/accuracy']:.2f}, margin "
           f"{evals[0]['eval_rewards/margin']:.3f} -> {evals[-1]['eval_rewards/margin']:.3f}")
 
-    loaded = load_model(dpo_dir)
+    loaded = load_params(dpo_dir)
     print(f"[7/8] answers of the final model (checkpoint step {loaded.step}):")
-    greedy = _answers(loaded.model, tok, held_out, args.max_new_tokens)
+    final = Generator(loaded.model_def, loaded.params)
+    greedy = _answers(final, tok, held_out, args.max_new_tokens)
     prompts = [_chat_prompt(tok, q["prompt"]) for q in held_out]
-    reference = generate(loaded.model, prompts, max_new_tokens=args.max_new_tokens,
-                         eos_id=tok.chat_token_ids["<|end|>"], use_cache=False)
+    reference = final(prompts, max_new_tokens=args.max_new_tokens,
+                      eos_id=tok.chat_token_ids["<|end|>"], use_cache=False)
     print(f"      cached == no-cache reference: {greedy == reference.tokens}")
     if greedy != reference.tokens:
         raise SystemExit("cached generation disagrees with the no-cache reference")
@@ -196,10 +197,14 @@ def _chat_prompt(tok: Tokenizer, question: str) -> list[int]:
             chat["<|assistant|>"]]
 
 
-def _answers(model, tok: Tokenizer, questions, max_new_tokens: int) -> list[list[int]]:
+def _generator(workdir: Path) -> Generator:
+    loaded = load_params(workdir)
+    return Generator(loaded.model_def, loaded.params)
+
+
+def _answers(generator: Generator, tok: Tokenizer, questions, max_new_tokens: int) -> list[list[int]]:
     prompts = [_chat_prompt(tok, q["prompt"]) for q in questions]
-    out = generate(model, prompts, max_new_tokens=max_new_tokens,
-                   eos_id=tok.chat_token_ids["<|end|>"])
+    out = generator(prompts, max_new_tokens=max_new_tokens, eos_id=tok.chat_token_ids["<|end|>"])
     for q, ids in zip(questions, out.tokens):
         print(f"        {q['prompt']!r} -> {tok.decode(ids)!r}  (reference: {q['completion']!r})")
     return out.tokens

@@ -30,6 +30,10 @@ NORM_KINDS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
 # Attention implementations (shakti_jax.ops.attention dispatches on them; "auto" picks by backend).
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash")
+# Rematerialisation of each scanned period of layers: none, full (save only its inputs), or a
+# `jax.checkpoint_policies` policy by name.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable", "everything_saveable")
 
 
 class ConfigError(UserError):
@@ -64,6 +68,10 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     init_std: float = 0.02
     attention_impl: str = "auto"
+    # Layers are stacked by period of `attention_pattern` and run under `lax.scan` (compile
+    # time independent of depth); False runs the same stacked params in a Python loop.
+    scan_layers: bool = True
+    remat: str = "none"
 
     def __post_init__(self):
         validate(self)
@@ -73,13 +81,19 @@ class ModelConfig:
         pattern = self.attention_pattern
         return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
 
+    @property
+    def layer_groups(self) -> tuple[tuple[tuple[str, ...], int], ...]:
+        """The layers as (kinds of one period, repeats): every whole period of the pattern,
+        then the remaining layers (if any) as one more group of one repeat. Each group's
+        params are stacked on a leading "layers" axis (`shakti_jax.model.layout` maps layer
+        indices to (group, repeat, slot))."""
+        period = len(self.attention_pattern)
+        full, rest = divmod(self.num_layers, period)
+        groups = ((self.attention_pattern, full),) if full else ()
+        return groups + (((self.attention_pattern[:rest], 1),) if rest else ())
+
     def layer_mask(self, layer: int) -> MaskSpec:
-        kind = self.layer_kinds[layer]
-        if kind == "window":
-            return MaskSpec(causal=True, window=self.window)
-        if kind == "block_sparse":
-            return MaskSpec(causal=True, sparse=self.sparse)
-        return MaskSpec(causal=True)
+        return kind_mask(self, self.layer_kinds[layer])
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -100,6 +114,15 @@ class ModelConfig:
         if isinstance(values.get("sparse"), Mapping):
             values["sparse"] = BlockSparse(**values["sparse"])
         return cls(**values)
+
+
+def kind_mask(cfg: ModelConfig, kind: str) -> MaskSpec:
+    """The attention mask of a layer kind ("global", "window", "block_sparse")."""
+    if kind == "window":
+        return MaskSpec(causal=True, window=cfg.window)
+    if kind == "block_sparse":
+        return MaskSpec(causal=True, sparse=cfg.sparse)
+    return MaskSpec(causal=True)
 
 
 def validate(cfg: ModelConfig) -> None:
@@ -129,6 +152,10 @@ def validate(cfg: ModelConfig) -> None:
         fail("sparse", f"block_size must be <= max_seq_len={cfg.max_seq_len}")
     if cfg.attention_impl not in ATTENTION_IMPLS:
         fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+    if cfg.remat not in REMAT_POLICIES:
+        fail("remat", f"must be one of {REMAT_POLICIES}")
+    if not isinstance(cfg.scan_layers, bool):
+        fail("scan_layers", "must be true or false")
     if not 0.0 <= cfg.dropout_rate < 1.0:
         fail("dropout_rate", "must be in [0, 1)")
     if cfg.dtype not in DTYPES:

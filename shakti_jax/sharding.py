@@ -1,12 +1,16 @@
 """Meshes and the rules that map logical axis names to mesh axes (the only place that knows both).
 
-Model parameters carry logical names (`vocab, embed, heads, kv_heads, head_dim, mlp`); a rule
-table maps each to a mesh axis of a (data, fsdp, tensor) mesh, or to None (replicated).
+Model parameters carry logical names (`layers, vocab, embed, heads, kv_heads, head_dim, mlp`),
+key activations `(batch, seq, embed)`; a rule table maps each to a mesh axis of a (data, fsdp,
+tensor) mesh, or to None (replicated). Activation constraints apply only inside
+`activation_sharding(mesh, rules)` (the step builder enters it while tracing).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+import contextvars
+from typing import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -18,6 +22,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # FSDP shards the model width across "fsdp"; tensor parallelism splits heads and the MLP.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
+    "seq": None,
+    "layers": None,
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -60,39 +66,45 @@ def logical_to_spec(axes: tuple[str | None, ...], rules: Mapping = DEFAULT_RULES
     return PartitionSpec(*spec)
 
 
-def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
-    """NamedSharding for every parameter of `state` from its logical-axis metadata.
-
-    A dimension that the mesh axis does not divide is replicated instead of failing late.
-    """
-
-    def sharding(var):
-        spec = logical_to_spec(tuple(var.get_metadata().get("out_sharding") or ()), rules)
-        fitted = []
-        for dim, entry in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
-            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-            size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-            fitted.append(entry if dim % size == 0 else None)
-        return NamedSharding(mesh, PartitionSpec(*fitted))
-
-    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def fitted_sharding(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh,
+                    rules: Mapping = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding of an array with logical `axes`; a dimension that its mesh axes do not
+    divide is replicated instead of failing late."""
+    spec = logical_to_spec(tuple(axes), rules)
+    fitted = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        fitted.append(entry if dim % size == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*fitted))
 
 
-def shardings_like(tree, params_shardings, mesh: Mesh):
-    """Shardings for a pytree holding param-shaped subtrees (optimizer moments): a leaf whose
-    key path ends with a parameter's key path takes that parameter's sharding; every other
-    leaf (step counts, scalars) is replicated."""
-    by_path = {tuple(map(str, path)): s for path, s in
-               jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
-    longest = max((len(p) for p in by_path), default=0)
-    replicated = NamedSharding(mesh, PartitionSpec())
+def tree_shardings(shapes, axes, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
+    """Shardings for a pytree of arrays (or ShapeDtypeStructs) given a same-structured pytree
+    of logical-axis tuples."""
+    return jax.tree.map(lambda a, names: fitted_sharding(a.shape, names, mesh, rules),
+                        shapes, axes, is_leaf=lambda x: isinstance(x, tuple))
 
-    def pick(path, leaf):
-        keys = tuple(map(str, path))
-        for n in range(min(longest, len(keys)), 0, -1):
-            sharding = by_path.get(keys[-n:])
-            if sharding is not None and len(sharding.spec) <= len(getattr(leaf, "shape", ())):
-                return sharding
-        return replicated
 
-    return jax.tree_util.tree_map_with_path(pick, tree)
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping] | None] = contextvars.ContextVar(
+    "activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to `mesh` by `rules`."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Constrain an activation with logical `axes` to the active mesh; a no-op outside
+    `activation_sharding` (eager code, single-device jit)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, fitted_sharding(x.shape, axes, mesh, rules))

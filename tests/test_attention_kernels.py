@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from shakti_jax.config import get_config
 from shakti_jax.generate import generate
-from shakti_jax.model import Transformer
+from shakti_jax.model import ModelDef
 from shakti_jax.ops import splash
 from shakti_jax.ops.attention import attention
 from shakti_jax.ops.masks import BlockSparse, MaskSpec
@@ -236,23 +235,31 @@ def test_splash_adapter_matches_reference(seed):
 # ---- the model uses the dispatch everywhere: training forward/backward, prefill, decode ----
 
 def test_model_on_pallas_kernels_matches_the_reference_model():
-    cfg = get_config("tiny_sparse")  # window 16, block-sparse (16-token blocks), global layers
-    models = {impl: Transformer(cfg.replace(attention_impl=impl), nnx.Rngs(0)) for impl in ("xla", "pallas")}
-    tokens = jax.random.randint(jax.random.key(1), (2, 70), 0, cfg.vocab_size)
+    """Block-sparse rows unpacked, window and global layers also packed (segment ids): a
+    packed block-sparse layout needs per-document positions, which the kernels refuse."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 70), 0, 512)
     segments = jnp.concatenate([jnp.zeros((2, 30), jnp.int32), jnp.ones((2, 40), jnp.int32)], axis=1)
     positions_BT = jnp.concatenate([jnp.arange(30), jnp.arange(40)])[None].repeat(2, 0)
+    for name, packed in (("tiny_sparse", False), ("tiny", True)):
+        cfg = get_config(name)  # tiny_sparse: window 16, block-sparse (16-token blocks), global
+        defs = {impl: ModelDef.from_config(cfg.replace(attention_impl=impl)) for impl in ("xla", "pallas")}
+        params = defs["xla"].init(0)
+        extra = (positions_BT, segments) if packed else ()
 
-    def loss(model):
-        return jnp.mean(model(tokens, positions_BT, segments) ** 2)
+        def loss(p, model_def):
+            return jnp.mean(model_def.apply(p, tokens, *extra) ** 2)
 
-    values = {impl: nnx.value_and_grad(loss)(m) for impl, m in models.items()}
-    assert abs(float(values["pallas"][0]) - float(values["xla"][0])) <= 1e-5 * float(values["xla"][0])
-    ref_grads = jax.tree.leaves(values["xla"][1])
-    for got, want in zip(jax.tree.leaves(values["pallas"][1]), ref_grads, strict=True):
-        assert rel_err(got, want) < 1e-4
-    prompts = [[5, 6, 7, 8, 9, 10, 11], list(range(1, 40)), [3]]
-    assert (generate(models["pallas"], prompts, max_new_tokens=40).tokens
-            == generate(models["xla"], prompts, max_new_tokens=40).tokens)
+        values = {impl: jax.value_and_grad(loss)(params, d) for impl, d in defs.items()}
+        assert abs(float(values["pallas"][0]) - float(values["xla"][0])) <= 1e-5 * float(values["xla"][0])
+        ref_grads = jax.tree.leaves(values["xla"][1])
+        for got, want in zip(jax.tree.leaves(values["pallas"][1]), ref_grads, strict=True):
+            assert rel_err(got, want) < 1e-4
+        prompts = [[5, 6, 7, 8, 9, 10, 11], list(range(1, 40)), [3]]
+        assert (generate(defs["pallas"], params, prompts, max_new_tokens=40).tokens
+                == generate(defs["xla"], params, prompts, max_new_tokens=40).tokens)
+    forced = ModelDef.from_config(get_config("tiny_sparse", attention_impl="pallas"))
+    with pytest.raises(ValueError, match="packed documents"):
+        forced.apply(forced.init(0), tokens, positions_BT, segments)
 
 
 def test_splash_kernel_is_reused_across_jitted_functions():

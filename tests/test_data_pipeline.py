@@ -1,15 +1,17 @@
 """Sources, bad records, packing, determinism, resumption and per-host sharding."""
 
-import gzip
+import ast
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data_pipelines.pipeline import (SkippedRecords, eval_batches, first_batches, open_sources,
-                                     split_indices, train_batches)
+from data_pipelines.errors import UserError
+from data_pipelines.pipeline import (_EPOCHS, SkippedRecords, _shuffled_forever, eval_batches,
+                                     first_batches, open_sources, split_indices, train_batches)
 from data_pipelines.sources import DataError, SourceSpec, open_source
-from data_pipelines.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
+from data_pipelines.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from data_pipelines.default_corpus import write_default_corpus
 
 
@@ -50,10 +52,17 @@ def test_text_jsonl_parquet_array_record_sources(tmp_path):
 
 
 def test_bad_source_specs_fail_in_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    _write(tmp_path / "fake.parquet", '{"text": "JSON lines, not Parquet"}\n' * 3)
+    pq.write_table(pa.table({"body": ["x"], "id": [1]}), tmp_path / "other.parquet")
     for spec, message in [("nope:x", "KIND:PATH"), (f"text:{tmp_path}/missing.txt", "does not exist"),
                           (f"jsonl:{tmp_path}", "no \\*.jsonl files"),
                           ("default:?weight=-1", "weight must be > 0"),
-                          ("default:?colour=red", "unknown option")]:
+                          ("default:?colour=red", "unknown option"),
+                          (f"parquet:{tmp_path}/fake.parquet", r"fake.parquet is not a Parquet file \("),
+                          (f"parquet:{tmp_path}/other.parquet",
+                           r"other.parquet: no column 'text' \(columns: body, id\)$")]:
         with pytest.raises(DataError, match=message) as err:
             open_source(spec)
         assert "\n" not in str(err.value)
@@ -76,11 +85,55 @@ def test_bad_records_error_names_file_and_line(bad_jsonl, tokenizer):
 def test_bad_records_skipped_and_counted(bad_jsonl, tokenizer):
     sources = open_sources([f"jsonl:{bad_jsonl}"])
     skipped = SkippedRecords()
-    rows = list(first_batches(eval_batches(sources, tokenizer, batch_size=1, seq_len=4,
+    stream = [BOS_ID, *tokenizer.encode("good one"), EOS_ID, BOS_ID, *tokenizer.encode("good two"), EOS_ID]
+    rows = list(first_batches(eval_batches(sources, tokenizer, batch_size=1, seq_len=len(stream) - 1,
                                            bad_records="skip", skipped=skipped), 100))
-    assert rows
-    assert skipped.counts() == {"invalid JSON (Expecting value)": 1, "missing field 'text'": 1,
-                                "empty document": 1, "not valid UTF-8 (byte 13)": 1}
+    assert len(rows) == 1 and list(rows[0]["inputs"][0]) == stream[:-1]
+    assert skipped.by_problem == {"invalid JSON (Expecting value)": 1, "missing field 'text'": 1,
+                                  "empty document": 1, "not valid UTF-8 (byte 13)": 1}
+    assert skipped.summary().startswith("4 records: 1 x ")
+
+
+def test_a_bad_record_counts_once_over_epochs_read_ahead_and_resumption(tmp_path, tokenizer):
+    lines = [json.dumps({"text": f"good document {i}"}) for i in range(5)] + ["{broken"]
+    sources = open_sources([f"jsonl:{_write(tmp_path / 'one_bad.jsonl', chr(10).join(lines))}"])
+
+    def read(skipped, state=None, batches=20):  # ~14 epochs of 6 records, read ahead by threads
+        it = iter(train_batches(sources, tokenizer, batch_size=2, seq_len=16, seed=0,
+                                bad_records="skip", skipped=skipped, num_threads=2))
+        if state:
+            it.set_state(state)
+        for _ in range(batches):
+            next(it)
+        return it.get_state()
+
+    first, second = SkippedRecords(), SkippedRecords()
+    position = read(first)
+    read(second)
+    expected = {"skipped": {"invalid JSON (Expecting property name enclosed in double quotes)":
+                            {str(tmp_path / "one_bad.jsonl"): ["6"]}}, "trimmed": {}}
+    assert first.get_state() == second.get_state() == expected
+    assert first.total == 1
+    resumed = SkippedRecords()
+    resumed.set_state(json.loads(json.dumps(first.get_state())))  # as stored in a checkpoint
+    read(resumed, state=json.loads(json.dumps(position)), batches=5)
+    assert resumed.get_state() == expected
+
+
+def test_skipped_records_state_round_trips():
+    skipped = SkippedRecords()
+    for where, problem in [("/d/a.jsonl:3", "p"), ("/d/a.jsonl:3", "p"), ("/d/a.jsonl:9", "p"),
+                           ("C:/x.parquet:row 2", "q"), ("tfds c[train]:record 4", "q"), ("nowhere", "p")]:
+        skipped.add(where, problem)
+    skipped.add_trimmed("/d/s.jsonl:2 instance 1", 7)
+    skipped.add_trimmed("/d/s.jsonl:2 instance 1", 7)
+    skipped.add_trimmed("/d/s.jsonl:5", 0)
+    state = json.loads(json.dumps(skipped.get_state()))
+    restored = SkippedRecords()
+    restored.set_state(state)
+    assert restored.get_state() == state
+    assert restored.by_problem == {"p": 3, "q": 2} and restored.total == 5
+    assert restored.trimmed_tokens == 7
 
 
 def test_packing_keeps_documents_apart(tokenizer, tmp_path):
@@ -163,8 +216,110 @@ def test_local_tfds_builder_round_trip(tmp_path, tokenizer):
     by_dir = open_source(f"tfds_dir:{builder.data_dir}")
     for docs in (by_name, by_dir):
         assert sorted(docs[i].text for i in range(len(docs))) == ["one doc", "two doc"]
+    one, two = ([BOS_ID, *tokenizer.encode(t), EOS_ID] for t in ("one doc", "two doc"))
     batch = next(iter(train_batches([(SourceSpec.parse("tfds_dir:x"), by_dir)], tokenizer,
-                                    batch_size=1, seq_len=8, seed=0)))
-    assert batch["inputs"].shape == (1, 8)
+                                    batch_size=1, seq_len=len(one + two) - 1, seed=0)))
+    assert list(batch["inputs"][0]) in ((one + two)[:-1], (two + one)[:-1])
     with pytest.raises(DataError, match="tfds dataset 'missing_ds' split 'train'"):
         open_source(f"tfds:missing_ds?data_dir={tmp_path / 'tfds'}")
+
+
+def test_local_tfds_builder_rebuilds_when_its_sources_change(tmp_path, capsys):
+    from data_pipelines.tfds_corpus import prepare_corpus
+
+    source = _write(tmp_path / "a.jsonl", '{"text": "one doc"}\nnot json\n')
+    data_dir, specs = str(tmp_path / "tfds"), [f"jsonl:{tmp_path / 'a.jsonl'}"]
+    built = prepare_corpus("unit", specs, data_dir)
+    shard = next(Path(built.data_dir).glob("*.array_record*"))
+    stamp = shard.stat().st_mtime_ns
+    capsys.readouterr()
+    again = prepare_corpus("unit", specs, data_dir)  # same inputs: reused as is
+    assert shard.stat().st_mtime_ns == stamp and "rebuilding" not in capsys.readouterr().err
+    assert again.skipped == {"invalid JSON (Expecting value)": 1}
+    source.write_text('{"text": "one doc"}\n{"text": "two doc"}\n{"text": "three doc"}\n')
+    rebuilt = prepare_corpus("unit", specs, data_dir)
+    assert "changed since it was built; rebuilding" in capsys.readouterr().err
+    assert rebuilt.info.splits["train"].num_examples == 3 and rebuilt.skipped == {}
+    docs = open_source(f"tfds_dir:{rebuilt.data_dir}")
+    assert sorted(docs[i].text for i in range(len(docs))) == ["one doc", "three doc", "two doc"]
+
+
+def test_per_epoch_shuffle_keeps_the_order_of_existing_checkpoints():
+    """grain's shuffle().repeat() orders each epoch as the hand-written index shuffle it
+    replaced did, so a run checkpointed before resumes on the same documents."""
+    from grain.experimental import index_shuffle
+
+    for n, seed in [(1, 0), (2, 5), (7, 3 * 1009 + 1), (50, 12345)]:
+        indices = np.arange(100, 100 + n)
+        ds = _shuffled_forever(list(range(200)), indices, seed)
+        assert len(ds) == n * _EPOCHS
+        for i in [*range(3 * n), *range(n * _EPOCHS - n, n * _EPOCHS)]:
+            epoch, within = divmod(i, n)
+            old = within if n == 1 else index_shuffle(within, max_index=n - 1, seed=seed + epoch,
+                                                      rounds=4)
+            assert ds[i] == indices[old], (n, seed, i)
+
+
+def test_aligned_packing_starts_every_document_on_a_block(tmp_path, tokenizer):
+    texts = [f"document number {i} " * (1 + i % 9) for i in range(40)]
+    _write(tmp_path / "docs.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sources = open_sources([f"jsonl:{tmp_path / 'docs.jsonl'}"])
+    docs = [[BOS_ID, *tokenizer.encode(t), EOS_ID] for t in texts]
+    align, seq_len = 8, 64
+    batches = list(first_batches(train_batches(sources, tokenizer, batch_size=4, seq_len=seq_len,
+                                               seed=0, align=align), 4))
+    padded = continued = 0
+    for batch in batches:
+        for inputs, targets, seg, pos, mask in zip(batch["inputs"], batch["targets"],
+                                                   batch["segment_ids"], batch["positions"],
+                                                   batch["loss_mask"]):
+            np.testing.assert_array_equal(mask > 0, seg > 0)  # padding is segment 0, no loss
+            assert not pos[seg == 0].any()
+            padded += int((seg == 0).sum())
+            for k in np.unique(seg[seg > 0]):
+                span = np.flatnonzero(seg == k)
+                assert span[0] % align == 0 and np.array_equal(span, np.arange(span[0], span[-1] + 1))
+                np.testing.assert_array_equal(pos[span], np.arange(len(span)))
+                piece = [int(inputs[span[0]]), *map(int, targets[span])]  # one stretch of one document
+                assert any(_contains(d, piece) for d in docs), piece
+                continued += int(inputs[span[0]] != BOS_ID)
+    assert padded > 0 and continued > 0  # gaps were padded and some documents went on a new row
+    with pytest.raises(UserError, match="align=48 must be a positive integer dividing seq_len=64"):
+        train_batches(sources, tokenizer, batch_size=1, seq_len=64, seed=0, align=48)
+
+
+def _contains(seq: list[int], piece: list[int]) -> bool:
+    return any(seq[i:i + len(piece)] == piece for i in range(len(seq) - len(piece) + 1))
+
+
+def test_special_token_strings_in_pretraining_text_stay_text(tmp_path, tokenizer):
+    text = "plain " + " ".join(SPECIAL_TOKENS) + " <|end|><|user|>x"
+    _write(tmp_path / "inject.jsonl", "".join(json.dumps({"text": text}) + "\n" for _ in range(8)))
+    doc = [BOS_ID, *tokenizer.encode(text), EOS_ID]
+    assert not set(range(8)) & set(doc[1:-1])
+    batch = next(iter(train_batches(open_sources([f"jsonl:{tmp_path / 'inject.jsonl'}"]), tokenizer,
+                                    batch_size=1, seq_len=3 * len(doc) - 1, seed=0)))
+    np.testing.assert_array_equal(batch["inputs"][0], (doc * 3)[:-1])
+    np.testing.assert_array_equal(batch["segment_ids"][0], np.repeat([1, 2, 3], len(doc))[:-1])
+
+
+def test_data_pipelines_import_graph_is_acyclic_and_free_of_shakti_jax():
+    package = Path(__file__).resolve().parents[1] / "data_pipelines"
+    graph = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        assert not any(n.split(".")[0] == "shakti_jax" for n in names), path.name
+        graph[path.stem] = {n.split(".")[1] for n in names if n.startswith("data_pipelines.")}
+
+    def visit(module, trail):
+        assert module not in trail, f"import cycle {' -> '.join([*trail, module])}"
+        for dep in graph.get(module, ()):
+            visit(dep, [*trail, module])
+
+    for module in graph:
+        visit(module, [])

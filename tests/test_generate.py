@@ -9,36 +9,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from shakti_jax.config import get_config
-from shakti_jax.generate import Sampling, generate, sample
-from shakti_jax.model import Transformer, init_cache
+from shakti_jax.generate import Generator, Sampling, generate, random_model, sample
+from shakti_jax.model import init_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model():
-    # window 16 layer, block-sparse layer (16-token blocks), global layer
-    return Transformer(get_config("tiny_sparse"), nnx.Rngs(0))
+    """(ModelDef, params): a window 16 layer, a block-sparse layer (16-token blocks), a global
+    layer, twice (so the decode path runs two repeats of the scanned period)."""
+    return random_model("tiny_sparse", num_layers=6)
+
+
+@pytest.fixture(scope="module")
+def generator(model):
+    return Generator(*model)
 
 
 def test_cached_decode_matches_full_forward_far_beyond_window(model):
     """Feed a known sequence token by token: every decode logit equals the full forward's."""
-    cfg = model.cfg
+    model_def, params = model
+    cfg = model_def.config
+    net = model_def.bind(params)
     B, total = 3, 100  # window is 16, so decoding runs > 5 windows past it
     tokens_BT = jax.random.randint(jax.random.key(1), (B, total), 0, cfg.vocab_size)
     lengths_B = jnp.array([7, 20, 1])  # ragged prompts, one longer than the window
-    full_BTV = model(tokens_BT)
+    full_BTV = net(tokens_BT)
 
     @jax.jit
     def prefill(tokens_BT, lengths_B):
-        return model.prefill(tokens_BT, lengths_B, init_cache(cfg, B, total))
+        return net.prefill(tokens_BT, lengths_B, init_cache(cfg, B, total))
 
     @jax.jit
     def step(tokens_B1, pos_B1, caches):
-        return model.decode(tokens_B1, pos_B1, caches)
+        return net.decode(tokens_B1, pos_B1, caches)
 
     last_BV, caches = prefill(tokens_BT[:, :32], lengths_B)
     expected = full_BTV[jnp.arange(B), lengths_B - 1]
@@ -54,36 +60,55 @@ def test_cached_decode_matches_full_forward_far_beyond_window(model):
     assert worst <= 1e-5, worst
 
 
-def test_greedy_cached_equals_no_cache(model):
+def test_greedy_cached_equals_no_cache(generator):
     prompts = [[5, 6, 7, 8, 9, 10, 11], list(range(1, 40)), [3]]
-    cached = generate(model, prompts, max_new_tokens=50)
-    uncached = generate(model, prompts, max_new_tokens=50, use_cache=False)
+    cached = generator(prompts, max_new_tokens=50)
+    uncached = generator(prompts, max_new_tokens=50, use_cache=False)
     assert cached.tokens == uncached.tokens
     assert [len(t) for t in cached.tokens] == [50, 50, 50]
     assert cached.prefill_tokens_per_sec > 0 and cached.decode_tokens_per_sec > 0
 
 
-def test_batched_generation_equals_one_prompt_at_a_time(model):
+def test_batched_generation_equals_one_prompt_at_a_time(generator):
     prompts = [[4, 8, 15, 16, 23, 42], list(range(100, 130))]
-    together = generate(model, prompts, max_new_tokens=20).tokens
-    alone = [generate(model, [p], max_new_tokens=20).tokens[0] for p in prompts]
+    together = generator(prompts, max_new_tokens=20).tokens
+    alone = [generator([p], max_new_tokens=20).tokens[0] for p in prompts]
     assert together == alone
 
 
-def test_stops_at_eos(model):
-    first = generate(model, [[1, 2, 3]], max_new_tokens=10).tokens[0]
+def test_stops_at_eos(generator):
+    first = generator([[1, 2, 3]], max_new_tokens=10).tokens[0]
     eos = first[3]
-    stopped = generate(model, [[1, 2, 3]], max_new_tokens=10, eos_id=eos).tokens[0]
+    stopped = generator([[1, 2, 3]], max_new_tokens=10, eos_id=eos).tokens[0]
     assert stopped == first[: first.index(eos)]
+    assert len(generator([[1, 2, 3]], max_new_tokens=7).tokens[0]) == 7  # traced, same bucket
+
+
+def test_second_call_with_the_same_shapes_does_not_compile(model):
+    """Counted at XLA's backend compile: the first call of a bucket compiles prefill and
+    decode, later calls in the bucket (other prompts, lengths, seeds, temperatures, top-k,
+    EOS, new-token counts) compile nothing, and never touch a caller's model."""
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    generator = Generator(*model)
+    generator([[1, 2, 3], [4, 5]], max_new_tokens=20, sampling=Sampling(0.7, top_k=5), seed=0)
+    first = len(compiles)
+    assert first >= 2
+    out = generator([[9, 8, 7, 6, 5, 4], [3]], max_new_tokens=17, eos_id=4, seed=3,
+                    sampling=Sampling(1.3, top_k=9, top_p=0.9))
+    assert len(compiles) == first, compiles[first:]
+    assert len(out.tokens) == 2 and len(generator.compiled_buckets) == 1
 
 
 def test_ring_cache_memory_does_not_grow_with_length():
     cfg = get_config("tiny", attention_pattern=("window",), window=32)
-    short = sum(c.nbytes for c in init_cache(cfg, 2, 64))
-    long = sum(c.nbytes for c in init_cache(cfg, 2, 4096))
+    short = sum(c.nbytes for group in init_cache(cfg, 2, 64) for c in group)
+    long = sum(c.nbytes for group in init_cache(cfg, 2, 4096) for c in group)
     assert short == long == cfg.num_layers * 2 * (32 * 2 * 16 * 4 * 2 + 32 * 4)
     mixed = get_config("tiny")  # one window layer, one global layer
-    grow = [c.size for c in init_cache(mixed, 1, 200)]
+    grow = [c.size for group in init_cache(mixed, 1, 200) for c in group]
     assert grow == [32, 200]
 
 
@@ -104,11 +129,11 @@ def test_sampling_filters():
 
 def test_generation_rejects_bad_input(model):
     with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, [[1] * 250], max_new_tokens=10)
+        generate(*model, [[1] * 250], max_new_tokens=10)
     with pytest.raises(ValueError, match="vocab_size"):
-        generate(model, [[1, 100000]], max_new_tokens=1)
+        generate(*model, [[1, 100000]], max_new_tokens=1)
     with pytest.raises(ValueError, match="at least one token"):
-        generate(model, [[]], max_new_tokens=1)
+        generate(*model, [[]], max_new_tokens=1)
 
 
 def _cli(*args):

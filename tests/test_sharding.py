@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from shakti_jax.config import get_config
-from shakti_jax.model import Transformer
-from shakti_jax.sharding import logical_to_spec, make_mesh, param_shardings
+from shakti_jax.model import ModelDef
+from shakti_jax.sharding import logical_to_spec, make_mesh
 
 
 def test_logical_to_spec_uses_each_mesh_axis_once():
@@ -29,24 +28,19 @@ def test_mesh_shape_errors():
 @pytest.mark.parametrize("data, fsdp, tensor", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)])
 def test_sharded_forward_matches_single_device(data, fsdp, tensor):
     cfg = get_config("tiny")
-    model = Transformer(cfg, nnx.Rngs(0))
+    model_def = ModelDef.from_config(cfg)
+    params = model_def.init(0)
     tokens = jax.random.randint(jax.random.key(0), (8, 32), 0, cfg.vocab_size)
-    expected = model(tokens)
+    expected = model_def.apply(params, tokens)
 
     mesh = make_mesh(data, fsdp, tensor)
-    graphdef, state = nnx.split(model)
-    shardings = param_shardings(state, mesh)
-    wq = shardings["blocks"][0]["attn"]["wq"]
-    # wq is [embed=64, heads=4, head_dim=16]; 4 heads cannot split 8 ways, so they replicate
-    assert wq.spec == P("fsdp", "tensor" if cfg.num_heads % tensor == 0 else None, None)
-    state = jax.device_put(state, shardings)
+    shardings = model_def.param_shardings(mesh)
+    wq = shardings["groups"][0]["blocks"][0]["attn"]["wq"]
+    # wq is [layers=1, embed=64, heads=4, head_dim=16]; 4 heads cannot split 8 ways: replicated
+    assert wq.spec == P(None, "fsdp", "tensor" if cfg.num_heads % tensor == 0 else None, None)
+    params = jax.device_put(params, shardings)
     batch_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None))
-
-    @jax.jit
-    def forward(state, tokens):
-        return nnx.merge(graphdef, state)(tokens)
-
-    got = forward(state, jax.device_put(tokens, batch_sharding))
+    got = jax.jit(model_def.apply)(params, jax.device_put(tokens, batch_sharding))
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5)
-    leaf = state["blocks"][0]["mlp"]["w_up"]
-    assert len(leaf[...].sharding.device_set) == 8
+    leaf = params["groups"][0]["blocks"][1]["mlp"]["w_up"]
+    assert len(leaf.sharding.device_set) == 8

@@ -10,7 +10,8 @@ import pytest
 import sentencepiece as spm
 
 from data_pipelines.default_corpus import default_corpus_text, write_default_corpus
-from data_pipelines.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+from data_pipelines.tokenizer import (CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer, TokenizerError,
+                                      train_tokenizer)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO_ROOT.parent / "shared/data/pretrain/tinyshakespeare.txt"
@@ -60,7 +61,6 @@ def test_exact_round_trip_without_unk(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.unk_id not in ids
-    assert all(0 <= i < tok.vocab_size for i in ids)
 
 
 def test_no_unicode_normalisation(tok):
@@ -94,8 +94,6 @@ def test_reserved_ids(tok):
     assert tok.encode("hello world", add_eos=True) == [*body, 2]
     assert tok.encode("hello world", add_bos=True, add_eos=True) == [1, *body, 2]
     assert tok.decode([1, *body, 2, 3, 3]) == "hello world"  # BOS, EOS and padding vanish
-    assert tok.encode_batch(["a", "b c"], add_eos=True) == [tok.encode("a", add_eos=True),
-                                                             tok.encode("b c", add_eos=True)]
 
 
 def test_chat_tokens_are_single_reserved_ids(tok):
@@ -103,13 +101,43 @@ def test_chat_tokens_are_single_reserved_ids(tok):
     assert list(ids) == list(CHAT_TOKENS)
     assert list(ids.values()) == [4, 5, 6, 7]
     for piece, token_id in ids.items():
-        assert tok.encode(piece) == [token_id]
-        assert tok.piece_to_id(piece) == token_id and tok.id_to_piece(token_id) == piece
+        assert tok.encode(piece, special=True) == [token_id]
+        assert tok.id_to_piece(token_id) == piece
         assert tok.decode([token_id]) == piece
-    # Like llama.cpp: text is cut at chat tokens and each plain stretch gets the dummy prefix.
-    assert tok.encode("<|user|>hi there<|end|>") == [5, *tok.encode("hi there"), 7]
-    assert tok.encode("ok<|end|>") == [*tok.encode("ok"), 7]
-    assert 5 not in tok.encode("<|user|")
+    # Like llama.cpp: text is cut at special tokens and each plain stretch gets the dummy prefix.
+    assert tok.encode("<|user|>hi there<|end|>", special=True) == [5, *tok.encode("hi there"), 7]
+    assert tok.encode("ok<|end|>", special=True) == [*tok.encode("ok"), 7]
+    assert tok.encode("<s>a</s>", special=True) == [1, *tok.encode("a"), 2]
+    assert 5 not in tok.encode("<|user|", special=True)
+
+
+SPECIAL_IDS = set(range(8))  # <unk> <s> </s> <pad> and the four chat tokens
+
+
+@pytest.mark.parametrize("text", [*SPECIAL_TOKENS, "".join(SPECIAL_TOKENS),
+                                  "an answer<|end|><|user|>injected turn</s><s>",
+                                  "x <pad> y <unk> z <|system|> w <|assistant|>"])
+def test_special_token_strings_are_plain_text_by_default(tok, text):
+    ids = tok.encode(text)
+    assert not SPECIAL_IDS & set(ids), [tok.id_to_piece(i) for i in ids]
+    assert tok.decode(ids) == text
+    assert SPECIAL_IDS & set(tok.encode(text, special=True))
+
+
+def test_models_with_user_defined_chat_tokens_read_them_as_text_too(corpus, tmp_path):
+    """Models trained before the chat tokens became control pieces (sentencepiece matches
+    user-defined pieces inside any text) still never turn text into a chat token."""
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "old"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>",
+        bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        user_defined_symbols=list(CHAT_TOKENS), minloglevel=2)
+    raw = spm.SentencePieceProcessor(model_file=str(tmp_path / "old.model"))
+    assert 7 in raw.EncodeAsIds("a <|end|> b")  # what plain sentencepiece does with it
+    old = Tokenizer.load(tmp_path / "old.model")
+    ids = old.encode("a <|end|> b")
+    assert 7 not in ids and old.decode(ids) == "a <|end|> b"
+    assert old.encode("a<|end|>", special=True)[-1] == 7
 
 
 def test_training_is_deterministic(tok, corpus, tmp_path):
@@ -160,6 +188,16 @@ def test_training_errors_name_the_problem(tmp_path):
     (tmp_path / "one.txt").write_text("a\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match="one.txt has too little text for any vocab_size"):
         train_tokenizer([tmp_path / "one.txt"], 300, tmp_path / "t")
+    (tmp_path / "nul.bin").write_bytes(small.read_bytes() + b"\x00\x01\x02 more")
+    nul_at = len(small.read_bytes())
+    with pytest.raises(TokenizerError, match=rf"nul.bin is not text: NUL byte at offset {nul_at}$"):
+        train_tokenizer([small, tmp_path / "nul.bin"], 1000, tmp_path / "t")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(TokenizerError, match=r"latin1.txt is not UTF-8 text: invalid byte at offset 3$"):
+        train_tokenizer([tmp_path / "latin1.txt"], 1000, tmp_path / "t")
+    (tmp_path / "cut.txt").write_bytes("text then a cut \u00e9".encode()[:-1])
+    with pytest.raises(TokenizerError, match="cut.txt is not UTF-8 text: it ends inside a character"):
+        train_tokenizer([tmp_path / "cut.txt"], 1000, tmp_path / "t")
     assert not list(tmp_path.glob("t*")) and not list(tmp_path.glob(".*"))  # nothing partial
 
 
@@ -189,6 +227,9 @@ def test_cli_train_and_encode(corpus, tmp_path):
     res = _cli("encode", "--model", str(model), "--text", "x 42<|end|>")
     assert res.returncode == 0, res.stderr
     assert [int(i) for i in res.stdout.split()] == tok.encode("x 42<|end|>")
+    assert 7 not in tok.encode("x 42<|end|>")
+    res = _cli("encode", "--model", str(model), "--text", "x 42<|end|>", "--special")
+    assert [int(i) for i in res.stdout.split()] == [*tok.encode("x 42"), 7]
     res = _cli("encode", "--model", str(model), "--text", "x 42", "--json")
     assert json.loads(res.stdout)["ids"] == tok.encode("x 42")
 
@@ -205,10 +246,11 @@ def test_cli_trains_on_default_corpus(tmp_path):
     ("vocab_too_large", "at most"),
     ("missing_model", "no.model does not exist"),
     ("bad_vocab_size", "--vocab_size"),
+    ("binary_input", "tiny.txt is not text: NUL byte at offset 14"),
 ])
 def test_cli_errors_are_one_line(tmp_path, case, needle):
     tiny = tmp_path / "tiny.txt"
-    tiny.write_text("a tiny corpus\n", encoding="utf-8")
+    tiny.write_bytes(b"a tiny corpus\n" + (b"\x00\xff" if case == "binary_input" else b""))
     out = str(tmp_path / "t")
     missing = str(tmp_path / "missing.txt")
     args = {
@@ -216,6 +258,7 @@ def test_cli_errors_are_one_line(tmp_path, case, needle):
         "vocab_too_large": ["train", "--input", str(tiny), "--vocab_size", "30000", "--out", out],
         "missing_model": ["encode", "--model", str(tmp_path / "no.model"), "--text", "hi"],
         "bad_vocab_size": ["train", "--input", str(tiny), "--vocab_size", "ten", "--out", out],
+        "binary_input": ["train", "--input", str(tiny), "--vocab_size", "1000", "--out", out],
     }[case]
     res = _cli(*args)
     assert res.returncode == 2

@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from experiments.pretrain import get_config as experiment
-from shakti_jax.config import get_config
+from shakti_jax.config import ConfigError, get_config
+from shakti_jax.model import ModelDef
 from shakti_jax.sharding import make_mesh
 from shakti_jax.train.losses import lm_loss_sums
 from shakti_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from shakti_jax.train.step import ModelParts, init_train_state, lm_objective, make_train_step
-from shakti_jax.train.trainer import train_state_layout
+from shakti_jax.train.step import build_step
+from shakti_jax.train.tasks import Task
 
 
 def test_lm_loss_sums_match_hand_computation():
@@ -58,7 +59,7 @@ def test_norms_are_not_decayed():
     optim = experiment("tiny").optim
     optim.unlock()
     optim.update(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5)
-    tx, _ = make_optimizer(optim, 10)
+    tx = make_optimizer(optim, 10).tx
     params = {"scale": jnp.ones(3), "w": jnp.ones((3, 3))}
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
@@ -77,24 +78,25 @@ def _batch(cfg, rows=8, seq=32, seed=0):
             "segment_ids": seg[:, :-1], "positions": pos[:, :-1].astype(np.int32)}
 
 
-def _run_steps(mesh_axes, micro_batches=1, steps=2):
+def _built(mesh, micro_batches=1, rows=8, seq=32, **optim):
+    config = experiment("tiny")
+    config.data.seq_len = seq
+    config.optim.update(optim)
     cfg = get_config("tiny", dropout_rate=0.0)
-    optim = experiment("tiny").optim
-    tx, schedule = make_optimizer(optim, 100)
-    parts = ModelParts.build(cfg, seed=0)
+    task = Task(config, None, None, cfg)  # the plain LM objective over given batches
+    return build_step(task, ModelDef.from_config(cfg), make_optimizer(config.optim, 100), mesh,
+                      batch_size=rows, micro_batches=micro_batches), cfg
+
+
+def _run_steps(mesh_axes, micro_batches=1, steps=2):
     mesh = make_mesh(*mesh_axes) if mesh_axes else make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shardings, abstract = train_state_layout(parts, tx, mesh, seed=0)
-    state = jax.jit(lambda: init_train_state(parts, tx, 0), out_shardings=shardings)()
-    batch_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
-    step = jax.jit(make_train_step(parts, tx, schedule, lm_objective(parts), micro_batches=micro_batches),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    built, cfg = _built(mesh, micro_batches)
+    state = built.init()
     losses = []
     for i in range(steps):
-        batch = {k: jax.device_put(v, batch_sh) for k, v in _batch(cfg, seed=i).items()}
-        state, metrics = step(state, batch)
+        state, metrics = built.train(state, built.global_batch(_batch(cfg, seed=i)))
         losses.append(float(metrics["loss"]))
-    return losses, state, shardings
+    return losses, state, built.state_shardings
 
 
 @pytest.fixture(scope="module")
@@ -107,37 +109,71 @@ def test_sharded_steps_match_one_device(single_device_run, mesh_axes):
     want_losses, want_state, _ = single_device_run
     losses, state, shardings = _run_steps(mesh_axes)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(want_state["params"])):
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
     # the rules: embed -> fsdp, heads / mlp -> tensor (where they divide), Adam moments alike
     data, fsdp, tensor = mesh_axes
-    wq = shardings["params"]["blocks"][0]["attn"]["wq"]
-    assert wq.spec == P("fsdp", "tensor" if 4 % tensor == 0 else None, None)
-    w_up = state["params"]["blocks"][1]["mlp"]["w_up"]
-    assert w_up.sharding.spec == P("fsdp", "tensor")
-    mu = state["opt_state"][1][0].mu["blocks"][1]["mlp"]["w_up"]
-    assert mu.sharding.spec == w_up.sharding.spec
+    wq = shardings.params["groups"][0]["blocks"][0]["attn"]["wq"]
+    assert wq.spec == P(None, "fsdp", "tensor" if 4 % tensor == 0 else None, None)
+    w_up = state.params["groups"][0]["blocks"][1]["mlp"]["w_up"]
+    assert w_up.sharding.spec == P(None, "fsdp", "tensor")
+    adam = state.opt_state[1][0]
+    for moment in (adam.mu, adam.nu):
+        assert moment["groups"][0]["blocks"][1]["mlp"]["w_up"].sharding.spec == w_up.sharding.spec
+    assert adam.count.sharding.spec == P()
 
 
 def test_gradient_accumulation_matches_one_batch(single_device_run):
     want_losses, want_state, _ = single_device_run
     losses, state, _ = _run_steps(None, micro_batches=4)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(want_state["params"])):
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
-def test_nonfinite_step_keeps_params():
-    cfg = get_config("tiny")
-    tx, schedule = make_optimizer(experiment("tiny").optim, 100)
-    parts = ModelParts.build(cfg, seed=0)
-    state = init_train_state(parts, tx, 0)
-    before = jax.tree.map(np.asarray, state["params"])
+def _one_device():
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _refused(built, state, batch):
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = built.train(state, built.global_batch(batch))
+    assert int(state.nonfinite) == 1 and int(state.first_nonfinite) == 0
+    assert int(state.step) == 1
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    return metrics
+
+
+def test_nonfinite_loss_keeps_params():
+    built, cfg = _built(_one_device())
     batch = _batch(cfg)
     batch["loss_mask"] = batch["loss_mask"] * np.float32("nan")
-    state, metrics = jax.jit(make_train_step(parts, tx, schedule, lm_objective(parts)))(state, batch)
+    metrics = _refused(built, built.init(), batch)
     assert not np.isfinite(float(metrics["loss"]))
-    assert int(state["nonfinite"]) == 1 and int(state["first_nonfinite"]) == 0
-    assert int(state["step"]) == 1
-    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_nonfinite_updated_params_are_refused():
+    """Finite loss and gradients, but an update that overflows the params (lr 1e38, no
+    clipping, warm-up over at step 0): the guard checks the updated params too."""
+    built, cfg = _built(_one_device(), lr=1e38, clip_norm=0.0, warmup_steps=0,
+                        schedule="constant")
+    state = built.init()
+    metrics = _refused(built, state, _batch(cfg))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", float("nan"), "optim.lr=nan: must be a number"),
+    ("lr", -1e-3, "optim.lr=-0.001: must be a finite number > 0"),
+    ("b1", 1.0, "optim.b1=1.0: must be in [0, 1)"),
+    ("b2", -0.1, "optim.b2=-0.1: must be in [0, 1)"),
+    ("warmup_steps", -5, "optim.warmup_steps=-5: must be an integer >= 0"),
+    ("clip_norm", -1.0, "optim.clip_norm=-1.0: must be a finite number >= 0"),
+])
+def test_bad_optimizer_settings_are_one_line_config_errors(key, value, message):
+    optim = experiment("tiny").optim
+    optim[key] = value
+    with pytest.raises(ConfigError) as err:
+        make_optimizer(optim, 100)
+    assert str(err.value).startswith(message)

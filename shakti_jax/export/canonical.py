@@ -17,17 +17,18 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 from flax import nnx
+from gguf import TokenType  # llama.cpp's llama_token_type
 
 from data_pipelines.errors import UserError
 from shakti_jax.config import ModelConfig
+from shakti_jax.model.layout import layer_tensor
 
 RopePairing = Literal["halves", "interleaved"]
-
-# GGUF token types (llama.cpp's llama_token_type).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 class ExportError(UserError):
@@ -53,7 +54,7 @@ class CanonicalTensor:
 class Vocabulary:
     pieces: list[str]
     scores: list[float]
-    types: list[int]
+    types: list[TokenType]
     model_path: Path
 
 
@@ -112,21 +113,21 @@ def read_vocabulary(tokenizer_path: str | Path, vocab_size: int) -> Vocabulary:
         pieces.append(sp.IdToPiece(i))
         scores.append(float(sp.GetScore(i)))
         if sp.IsUnknown(i):
-            types.append(UNKNOWN)
+            types.append(TokenType.UNKNOWN)
         elif sp.IsControl(i):
-            types.append(CONTROL)
+            types.append(TokenType.CONTROL)
         elif sp.IsByte(i):
-            types.append(BYTE)
+            types.append(TokenType.BYTE)
         elif sp.IsUnused(i):
-            types.append(UNUSED)
+            types.append(TokenType.UNUSED)
         elif pieces[-1].startswith("<|") and pieces[-1].endswith("|>"):
-            types.append(USER_DEFINED)  # the chat tokens: whole pieces, split out before encoding
+            types.append(TokenType.USER_DEFINED)  # the chat tokens: whole pieces, split out before encoding
         else:
-            types.append(NORMAL)
+            types.append(TokenType.NORMAL)
     for i in range(n, vocab_size):
         pieces.append(f"<unused{i - n}>")
         scores.append(0.0)
-        types.append(UNUSED)
+        types.append(TokenType.UNUSED)
     return Vocabulary(pieces, scores, types, path)
 
 
@@ -136,9 +137,12 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
     """The canonical form of a model's parameters (the `nnx.to_pure_dict` of its nnx.Param state).
 
     With `params=None` the result only describes shapes, names and vocabulary (for checking a
-    request before any weight is loaded); its tensors cannot be loaded.
+    request before any weight is loaded); its tensors cannot be loaded. Raises ExportError for
+    NaN or Inf weights.
     """
     export_cfg, warnings = check_exportable(cfg, allow_attention_change)
+    if params is not None:
+        check_finite(params)
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def matrix(get, out_shape, permute_heads=0):
@@ -155,24 +159,24 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
     tensors = [CanonicalTensor("token_embd.weight", (cfg.vocab_size, D),
                                lambda: np.ascontiguousarray(np.asarray(params["embedding"], np.float32)))]
     for i in range(cfg.num_layers):
-        b = lambda i=i: params["blocks"][i]  # noqa: E731 - late lookup keeps one tensor alive
+        b = lambda *path, i=i: layer_tensor(params, cfg, i, path)  # noqa: E731 - read when written
         tensors += [
-            CanonicalTensor(f"blk.{i}.attn_norm.weight", (D,), vector(lambda b=b: b()["attn_norm"]["scale"])),
+            CanonicalTensor(f"blk.{i}.attn_norm.weight", (D,), vector(lambda b=b: b("attn_norm", "scale"))),
             CanonicalTensor(f"blk.{i}.attn_q.weight", (N * H, D),
-                            matrix(lambda b=b: b()["attn"]["wq"], (N * H, D), permute_heads=N)),
+                            matrix(lambda b=b: b("attn", "wq"), (N * H, D), permute_heads=N)),
             CanonicalTensor(f"blk.{i}.attn_k.weight", (K * H, D),
-                            matrix(lambda b=b: b()["attn"]["wk"], (K * H, D), permute_heads=K)),
+                            matrix(lambda b=b: b("attn", "wk"), (K * H, D), permute_heads=K)),
             CanonicalTensor(f"blk.{i}.attn_v.weight", (K * H, D),
-                            matrix(lambda b=b: b()["attn"]["wv"], (K * H, D))),
+                            matrix(lambda b=b: b("attn", "wv"), (K * H, D))),
             CanonicalTensor(f"blk.{i}.attn_output.weight", (D, N * H),
-                            matrix(lambda b=b: b()["attn"]["wo"], (D, N * H))),
-            CanonicalTensor(f"blk.{i}.ffn_norm.weight", (D,), vector(lambda b=b: b()["mlp_norm"]["scale"])),
+                            matrix(lambda b=b: b("attn", "wo"), (D, N * H))),
+            CanonicalTensor(f"blk.{i}.ffn_norm.weight", (D,), vector(lambda b=b: b("mlp_norm", "scale"))),
             CanonicalTensor(f"blk.{i}.ffn_gate.weight", (cfg.ffn_dim, D),
-                            matrix(lambda b=b: b()["mlp"]["w_gate"], (cfg.ffn_dim, D))),
+                            matrix(lambda b=b: b("mlp", "w_gate"), (cfg.ffn_dim, D))),
             CanonicalTensor(f"blk.{i}.ffn_up.weight", (cfg.ffn_dim, D),
-                            matrix(lambda b=b: b()["mlp"]["w_up"], (cfg.ffn_dim, D))),
+                            matrix(lambda b=b: b("mlp", "w_up"), (cfg.ffn_dim, D))),
             CanonicalTensor(f"blk.{i}.ffn_down.weight", (D, cfg.ffn_dim),
-                            matrix(lambda b=b: b()["mlp"]["w_down"], (D, cfg.ffn_dim))),
+                            matrix(lambda b=b: b("mlp", "w_down"), (D, cfg.ffn_dim))),
         ]
     tensors.append(CanonicalTensor("output_norm.weight", (D,), vector(lambda: params["final_norm"]["scale"])))
     if not cfg.tie_embeddings:
@@ -180,6 +184,16 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
                                        matrix(lambda: params["lm_head"], (cfg.vocab_size, D))))
     vocab = read_vocabulary(tokenizer_path, cfg.vocab_size)
     return CanonicalModel(export_cfg, tensors, vocab, rope_pairing), warnings
+
+
+def check_finite(params: dict) -> None:
+    """Raise ExportError naming the first parameter (in tree order) with NaN or Inf values."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        bad = int(jnp.size(leaf) - jnp.isfinite(leaf).sum())
+        if bad:
+            name = "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+            raise ExportError(f"weight {name} has {bad} NaN/Inf values (of {jnp.size(leaf)}); "
+                              f"a diverged checkpoint cannot be exported")
 
 
 def model_params(model: nnx.Module) -> dict:

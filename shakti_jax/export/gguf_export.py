@@ -31,19 +31,24 @@ class QuantType:
     name: str
     tensor_type: Q | None  # type of matrices written by the gguf package; None: llama.cpp's quantizer
     file_type: FT
-    block: int  # row length must be a multiple of this
+    fallback: Q | None = None  # K-quants: llama.cpp's type for rows that are not multiples of 256
+
+    @property
+    def block(self) -> int:
+        """Row lengths must be multiples of this (from the gguf package's block table)."""
+        return gguf.GGML_QUANT_SIZES[self.fallback if self.tensor_type is None else self.tensor_type][0]
 
 
 QUANT_TYPES = {q.name: q for q in (
-    QuantType("f32", Q.F32, FT.ALL_F32, 1),
-    QuantType("f16", Q.F16, FT.MOSTLY_F16, 1),
-    QuantType("bf16", Q.BF16, FT.MOSTLY_BF16, 1),
-    QuantType("q8_0", Q.Q8_0, FT.MOSTLY_Q8_0, 32),
-    QuantType("q5_0", Q.Q5_0, FT.MOSTLY_Q5_0, 32),
-    QuantType("q4_0", Q.Q4_0, FT.MOSTLY_Q4_0, 32),
-    QuantType("q4_k_m", None, FT.MOSTLY_Q4_K_M, 32),
-    QuantType("q5_k_m", None, FT.MOSTLY_Q5_K_M, 32),
-    QuantType("q6_k", None, FT.MOSTLY_Q6_K, 32),
+    QuantType("f32", Q.F32, FT.ALL_F32),
+    QuantType("f16", Q.F16, FT.MOSTLY_F16),
+    QuantType("bf16", Q.BF16, FT.MOSTLY_BF16),
+    QuantType("q8_0", Q.Q8_0, FT.MOSTLY_Q8_0),
+    QuantType("q5_0", Q.Q5_0, FT.MOSTLY_Q5_0),
+    QuantType("q4_0", Q.Q4_0, FT.MOSTLY_Q4_0),
+    QuantType("q4_k_m", None, FT.MOSTLY_Q4_K_M, fallback=Q.Q5_0),  # and Q8_0 for its Q6_K tensors
+    QuantType("q5_k_m", None, FT.MOSTLY_Q5_K_M, fallback=Q.Q5_1),  # and Q8_0 for its Q6_K tensors
+    QuantType("q6_k", None, FT.MOSTLY_Q6_K, fallback=Q.Q8_0),
 )}
 EDGE_EXTRA_HINT = "install the edge extra: pip install -e '.[edge]' (llama-cpp-python)"
 
@@ -59,7 +64,7 @@ def check_quantizable(canon: CanonicalModel, quant: QuantType) -> None:
     """Fail before writing anything when a row cannot be split into the type's blocks.
 
     K-quant rows that are not multiples of 256 are left to llama.cpp, which falls back to a
-    legacy type for those tensors (as llama-quantize does); they still need 32.
+    legacy type for those tensors (as llama-quantize does), whose blocks they must still fit.
     """
     if quant.tensor_type is None:
         _llama_cpp()
@@ -81,7 +86,7 @@ def write_gguf(canon: CanonicalModel, path: str | Path, quant: str,
         return path
     llama_cpp = _llama_cpp()
     with atomic_file(path) as tmp:
-        f32_tmp = tmp.with_name(tmp.name + ".f32")
+        f32_tmp = tmp.with_name(tmp.name + ".f32")  # a helper file of the temporary (atomic.py)
         try:
             _write(canon, f32_tmp, QUANT_TYPES["f32"], on_tensor)
             params = llama_cpp.llama_model_quantize_default_params()
@@ -108,15 +113,6 @@ def _llama_cpp():
 
 def _tensor_type(t: CanonicalTensor, q: QuantType) -> Q:
     return q.tensor_type if t.is_matrix else Q.F32
-
-
-def _nbytes(t: CanonicalTensor, qtype: Q) -> tuple[tuple[int, ...], int]:
-    if qtype == Q.F32:
-        return t.shape, 4 * int(np.prod(t.shape))
-    if qtype == Q.F16:
-        return t.shape, 2 * int(np.prod(t.shape))
-    byte_shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
-    return byte_shape, int(np.prod(byte_shape))
 
 
 def _write(canon: CanonicalModel, path: Path, q: QuantType, on_tensor) -> None:
@@ -147,21 +143,16 @@ def _write(canon: CanonicalModel, path: Path, q: QuantType, on_tensor) -> None:
     tensors = list(canon.tensors)
     if arch == "granite_swa":
         tensors += [_sink(i, cfg.num_heads) for i in range(cfg.num_layers)]
-    for t in tensors:
+    for t in tensors:  # sizes from the gguf package's block table, for every type
         qtype = _tensor_type(t, q)
-        shape, nbytes = _nbytes(t, qtype)
-        if qtype == Q.F32:
-            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes)
-        elif qtype == Q.F16:
-            writer.add_tensor_info(t.name, shape, np.dtype(np.float16), nbytes)
-        else:
-            writer.add_tensor_info(t.name, shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        byte_shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
+        writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                               raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for t in tensors:
-        data = gguf.quants.quantize(t.load(), _tensor_type(t, q))
-        writer.write_tensor_data(data if data.dtype != np.uint16 else data.view(np.uint8))
+        writer.write_tensor_data(gguf.quants.quantize(t.load(), _tensor_type(t, q)).view(np.uint8))
         if on_tensor:
             on_tensor(t.name)
     writer.close()

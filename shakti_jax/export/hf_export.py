@@ -16,12 +16,13 @@ import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
+from gguf import TokenType
 
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.tokenizer import BOS, BOS_ID, CHAT_TOKENS, EOS, EOS_ID, PAD, PAD_ID, UNK
-from shakti_jax.export.canonical import (CONTROL, NORMAL, UNKNOWN, CanonicalModel, CanonicalTensor,
-                                        ExportError, Vocabulary)
+from shakti_jax.export.canonical import CanonicalModel, CanonicalTensor, ExportError, Vocabulary
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -31,8 +32,9 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-# weight dtype: (safetensors code, config.json torch dtype)
-HF_DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16")}
+# weight dtype: (safetensors code, config.json torch dtype, numpy dtype)
+HF_DTYPES = {"f32": ("F32", "float32", np.dtype("<f4")), "bf16": ("BF16", "bfloat16", np.dtype(ml_dtypes.bfloat16)),
+             "f16": ("F16", "float16", np.dtype("<f2"))}
 
 # Renders conversations exactly as data_pipelines.chat does for training.
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
@@ -118,11 +120,10 @@ def _hf_tensors(canon: CanonicalModel) -> Iterator[tuple[str, CanonicalTensor]]:
 
 def _write_safetensors(path: Path, tensors: list[tuple[str, CanonicalTensor]], dtype: str,
                        on_tensor) -> None:
-    code, _ = HF_DTYPES[dtype]
-    itemsize = 4 if dtype == "f32" else 2
+    code, _, np_dtype = HF_DTYPES[dtype]
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, t in tensors:
-        size = itemsize * int(np.prod(t.shape))
+        size = np_dtype.itemsize * int(np.prod(t.shape))
         header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -130,19 +131,14 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, CanonicalTensor]], d
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, t in tensors:
-            f.write(_encode(t.load(), dtype).tobytes())
+            f.write(to_dtype(t.load(), dtype).tobytes())
             if on_tensor:
                 on_tensor(name)
 
 
-def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
-    x = np.ascontiguousarray(x, np.float32).astype("<f4", copy=False)
-    if dtype == "f32":
-        return x
-    if dtype == "f16":
-        return x.astype("<f2")
-    bits = x.view("<u4")  # bfloat16: round to nearest even on the upper 16 bits
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+def to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """`x` in HF weight dtype `dtype` (little-endian; bf16 by ml_dtypes: nearest even, NaN kept)."""
+    return np.ascontiguousarray(x, np.float32).astype(HF_DTYPES[dtype][2])
 
 
 def tokenizer_json(vocab: Vocabulary) -> dict:
@@ -156,14 +152,14 @@ def tokenizer_json(vocab: Vocabulary) -> dict:
     ids = {piece: i for i, piece in enumerate(vocab.pieces)}
     ranked = []
     for i, (piece, score, kind) in enumerate(zip(vocab.pieces, vocab.scores, vocab.types)):
-        if kind != NORMAL:
+        if kind != TokenType.NORMAL:
             continue
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in ids and right in ids:
                 ranked.append((-score, i, ids[left], ids[right], left, right))
     ranked.sort()
-    special = [i for i, kind in enumerate(vocab.types) if kind in (CONTROL, UNKNOWN)
+    special = [i for i, kind in enumerate(vocab.types) if kind in (TokenType.CONTROL, TokenType.UNKNOWN)
                or vocab.pieces[i] in CHAT_TOKENS]
     bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
     return {

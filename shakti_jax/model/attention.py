@@ -1,11 +1,11 @@
-"""Grouped-query self-attention; every path calls shakti_jax.ops.attention."""
+"""Grouped-query self-attention; every path calls shakti_jax.ops.attention.attention."""
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
 
-from shakti_jax.config import ModelConfig
+from shakti_jax.config import ModelConfig, kind_mask
 from shakti_jax.model.kv_cache import LayerCache
 from shakti_jax.model.layers import apply_rope, param
 from shakti_jax.ops.attention import attention
@@ -14,17 +14,18 @@ from shakti_jax.ops.attention import attention
 class Attention(nnx.Module):
     """Q/K/V projections with N query heads and K shared KV heads, RoPE, one output projection."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, stack: int | None = None):
         D, N, K, H, std = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.init_std
-        self.mask = cfg.layer_mask(layer)
+        self.mask = kind_mask(cfg, kind)
         self.rope_theta = cfg.rope_theta
         self.dtype = cfg.dtype
         self.impl = cfg.attention_impl
-        self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std, cfg.param_dtype)
-        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
-        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
-        self.wo = param(rngs, (N, H, D), ("heads", "head_dim", "embed"),
-                        std / (2 * cfg.num_layers) ** 0.5, cfg.param_dtype)
+        dt = cfg.param_dtype
+        self.wq = param(rngs, stack, (D, N, H), ("embed", "heads", "head_dim"), std, dt)
+        self.wk = param(rngs, stack, (D, K, H), ("embed", "kv_heads", "head_dim"), std, dt)
+        self.wv = param(rngs, stack, (D, K, H), ("embed", "kv_heads", "head_dim"), std, dt)
+        self.wo = param(rngs, stack, (N, H, D), ("heads", "head_dim", "embed"),
+                        std / (2 * cfg.num_layers) ** 0.5, dt)
 
     def _qkv(self, x_BTD, positions_BT):
         x = x_BTD.astype(self.dtype)
@@ -39,10 +40,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                  segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        """Full-sequence attention (training, scoring). RoPE uses `positions_BT` (per document
-        in packed rows); the mask uses row positions 0..T-1 and the segment ids."""
+        """Full-sequence attention (training, scoring). RoPE and the mask both use
+        `positions_BT` (per document in packed rows, with their segment ids), so a packed
+        document sees exactly what it sees alone."""
         q, k, v = self._qkv(x_BTD, positions_BT)
-        return self._out(attention(q, k, v, mask=self.mask, segment_ids=segment_ids_BT, impl=self.impl))
+        doc_positions = positions_BT if segment_ids_BT is not None else None
+        return self._out(attention(q, k, v, mask=self.mask, segment_ids=segment_ids_BT,
+                                   doc_positions=doc_positions, impl=self.impl))
 
     def prefill(self, x_BTD: jax.Array, lengths_B: jax.Array, cache: LayerCache):
         """Right-padded prompts of `lengths_B` tokens: attend in flight, then fill the cache."""

@@ -5,6 +5,10 @@ A sliding-window layer's buffer is a ring of `window` slots: memory is O(window)
 O(length), and writing position p overwrites p - window, the key that just left the window.
 Each slot records the absolute position it holds (-1 = empty), which is all the attention
 mask needs, so both kinds share every line of code.
+
+Caches follow the stacked layer layout (`ModelConfig.layer_groups`): one tuple per group with
+one `LayerCache` per slot of the period, its arrays carrying a leading axis of the group's
+repeats, so the scanned layers read and write their own slice.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class LayerCache:
 
     @property
     def size(self) -> int:
-        return self.k_BSKH.shape[1]
+        return self.k_BSKH.shape[-3]
 
     @property
     def nbytes(self) -> int:
@@ -50,13 +54,19 @@ class LayerCache:
                           self.pos_BS.at[rows_B1, slots_BT].set(positions_BT.astype(jnp.int32)))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> list[LayerCache]:
-    """Empty caches for every layer; window layers get min(window, max_len) slots."""
+Caches = list[tuple[LayerCache, ...]]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Caches:
+    """Empty caches for every layer group and slot; window layers get min(window, max_len) slots."""
     dtype = dtype or cfg.dtype
     caches = []
-    for kind in cfg.layer_kinds:
-        size = min(cfg.window, max_len) if kind == "window" else max_len
-        shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
-        caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                                 jnp.full((batch, size), -1, jnp.int32)))
+    for kinds, repeats in cfg.layer_groups:
+        group = []
+        for kind in kinds:
+            size = min(cfg.window, max_len) if kind == "window" else max_len
+            shape = (repeats, batch, size, cfg.num_kv_heads, cfg.head_dim)
+            group.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                                    jnp.full((repeats, batch, size), -1, jnp.int32)))
+        caches.append(tuple(group))
     return caches

@@ -1,4 +1,4 @@
-"""Building blocks: parameters with logical axis names, norms, RoPE, MLP."""
+"""Building blocks: stacked parameters with logical axis names, norms, RoPE, MLP."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from flax import nnx
 from shakti_jax.config import ModelConfig
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None,
-          dtype: str) -> nnx.Param:
+def param(rngs: nnx.Rngs, stack: int | None, shape: tuple[int, ...], axes: tuple[str, ...],
+          std: float | None, dtype: str) -> nnx.Param:
     """A parameter carrying logical axis names (mapped to a mesh only by shakti_jax.sharding).
 
+    `stack` prepends a "layers" axis of that many stacked layers (None: not stacked).
     std=None means ones (norm scales); std=0.0 means zeros (biases).
     """
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
     if std is None:
         value = jnp.ones(shape, dtype)
     elif std == 0.0:
@@ -27,10 +30,10 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 class Norm(nnx.Module):
     """RMSNorm, or LayerNorm with a bias; computed in f32, returned in the input dtype."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
-        self.bias = (param(rngs, (cfg.d_model,), ("embed",), 0.0, cfg.param_dtype)
+        self.scale = param(rngs, stack, (cfg.d_model,), ("embed",), None, cfg.param_dtype)
+        self.bias = (param(rngs, stack, (cfg.d_model,), ("embed",), 0.0, cfg.param_dtype)
                      if cfg.norm == "layernorm" else None)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -64,14 +67,14 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 class MLP(nnx.Module):
     """SwiGLU (silu(x W_gate) * x W_up) W_down, or non-gated silu(x W_up) W_down."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         D, F, std = cfg.d_model, cfg.ffn_dim, cfg.init_std
         self.dtype = cfg.dtype
-        self.w_gate = (param(rngs, (D, F), ("embed", "mlp"), std, cfg.param_dtype)
+        self.w_gate = (param(rngs, stack, (D, F), ("embed", "mlp"), std, cfg.param_dtype)
                        if cfg.mlp == "swiglu" else None)
-        self.w_up = param(rngs, (D, F), ("embed", "mlp"), std, cfg.param_dtype)
-        self.w_down = param(rngs, (F, D), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5,
-                            cfg.param_dtype)
+        self.w_up = param(rngs, stack, (D, F), ("embed", "mlp"), std, cfg.param_dtype)
+        self.w_down = param(rngs, stack, (F, D), ("mlp", "embed"),
+                            std / (2 * cfg.num_layers) ** 0.5, cfg.param_dtype)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         x = x_BTD.astype(self.dtype)

@@ -41,6 +41,7 @@ class AttentionCall:
     q_offset: int | jax.Array
     kv_len: jax.Array | None
     k_positions: jax.Array | None
+    doc_positions: jax.Array | None
     scale: float | None
 
     @property
@@ -61,8 +62,12 @@ class AttentionCall:
         """The dense [B, T, S] mask: what the reference computes, and what decode kernels read."""
         B, T = self.q_BTNH.shape[:2]
         S = self.k_BSKH.shape[1]
-        q_pos_BT = positions(B, T, self.q_offset)
-        k_pos_BS = positions(B, S) if self.k_positions is None else jnp.asarray(self.k_positions, jnp.int32)
+        if self.doc_positions is not None:
+            q_pos_BT = k_pos_BS = jnp.asarray(self.doc_positions, jnp.int32)
+        else:
+            q_pos_BT = positions(B, T, self.q_offset)
+            k_pos_BS = (positions(B, S) if self.k_positions is None
+                        else jnp.asarray(self.k_positions, jnp.int32))
         if self.kv_len is not None:
             k_pos_BS = jnp.where(self.k_valid_BS, k_pos_BS, -1)
         return dense_mask(self.mask, q_pos_BT, k_pos_BS, self.segment_ids)
@@ -71,8 +76,8 @@ class AttentionCall:
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, mask: MaskSpec,
               segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
               q_offset: int | jax.Array = 0, kv_len: jax.Array | None = None,
-              k_positions: jax.Array | None = None, impl: str = "auto",
-              scale: float | None = None) -> jax.Array:
+              k_positions: jax.Array | None = None, doc_positions: jax.Array | None = None,
+              impl: str = "auto", scale: float | None = None) -> jax.Array:
     """Attention of queries [B, T, N, H] over grouped keys/values [B, S, K, H] (N % K == 0).
 
     mask:        the MaskSpec, a pure function of absolute positions.
@@ -81,6 +86,11 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, mask: 
     q_offset:    absolute position of the first query (int, or [B] for ragged decode).
     kv_len:      [B] number of valid keys; key slots at or beyond it are empty.
     k_positions: [B, S] absolute key positions (ring-buffer caches); < 0 marks empty slots.
+    doc_positions: [B, T] positions within each packed document (needs segment_ids [B, T]):
+                 the mask is evaluated on them, so a packed document sees exactly what it
+                 sees alone. Causal and window rules depend only on in-document distances,
+                 which row positions share, so kernels use row positions for them; a
+                 block-sparse layout needs the document positions themselves.
     impl:        one of IMPLEMENTATIONS (see the module docstring).
     Rows with no visible key return zeros.
     """
@@ -92,8 +102,12 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, mask: 
         if T != S:
             raise ValueError(f"segment_ids of shape [B, T] need T == S, got T={T}, S={S}")
         segment_ids = (segment_ids, segment_ids)
+    if doc_positions is not None and (segment_ids is None or T != S or k_positions is not None):
+        raise ValueError("doc_positions go with [B, T] segment_ids of packed rows (T == S)")
+    if doc_positions is not None and mask.sparse is None:
+        doc_positions = None  # same visibility from row positions within a segment (see above)
     call = AttentionCall(q_BTNH, k_BSKH, v_BSKH, mask, segment_ids, q_offset, kv_len, k_positions,
-                         scale)
+                         doc_positions, scale)
     name = _backend_default() if impl == "auto" else impl
     if name != "xla":
         reason = _IMPLS[name].unsupported(call)
@@ -124,7 +138,13 @@ def _flash_fits(call: AttentionCall) -> bool:
     return tiles.sparse_tiles_aligned(call.mask, block_q, block_k, call.static_offset)
 
 
+_PACKED_SPARSE = ("a block-sparse layout over packed documents (doc_positions): tiles are planned "
+                  "from row positions")
+
+
 def _pallas_unsupported(call: AttentionCall) -> str | None:
+    if call.doc_positions is not None:
+        return _PACKED_SPARSE
     if jax.default_backend() == "tpu":
         return "the Pallas kernels lower through Triton (GPU); use impl='splash' on TPU"
     dtype, head_dim = jnp.dtype(call.q_BTNH.dtype), call.q_BTNH.shape[-1]

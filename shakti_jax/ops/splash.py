@@ -29,6 +29,8 @@ _PAD_SEGMENT = np.iinfo(np.int32).min  # key segment of padded / beyond-kv_len s
 
 def unsupported(call) -> str | None:
     """None when splash can run `call` (an AttentionCall), else the reason."""
+    if call.doc_positions is not None:
+        return "splash plans its mask from row positions, not packed documents' positions"
     if call.static_offset is None or call.k_positions is not None:
         return "splash needs static positions (no traced query offset or ring-buffer key positions)"
     return None

@@ -1,10 +1,15 @@
-"""orbax checkpoints of the train state, the data-iterator state and a JSON description.
+"""orbax checkpoints of the train state, each process's data-iterator state and a description.
 
-Layout: `WORKDIR/checkpoints/<step>/{state, data, meta}`. `meta` holds the model config, the
-tokenizer path and the step, so `load_model(WORKDIR)` rebuilds a model for generation or
-export without the experiment config. orbax writes each step to a temporary folder and
-renames it when complete, so a killed save never looks finished; a finished but damaged
-latest step is detected on restore and the previous one is used, with a message.
+Layout: `WORKDIR/checkpoints/<step>/{state, data, meta}`. `state` is the TrainState; `data`
+holds one JSON file per process (grain's own checkpoint handler, so every host resumes from
+its own position); `meta` holds the model config, the tokenizer (a path relative to the
+workdir when it lives there), the experiment config and a checksum of every state array.
+
+orbax writes each step to a temporary folder and renames it when complete, so a killed save
+never looks finished. A finished step whose files do not read back, or whose arrays do not
+match their checksums, is set aside by the trainer (renamed `<step>.unreadable-<time>`) and
+the previous step is used; readers (`load_params`, `restore_params`, `read_meta`) open the
+folder read-only, fall back the same way without renaming, and never create anything.
 """
 
 from __future__ import annotations
@@ -13,49 +18,108 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-
+import grain
+from absl import logging
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from shakti_jax.config import ModelConfig
-from shakti_jax.model import Transformer
+from data_pipelines.errors import UserError
+from shakti_jax.config import ConfigError, ModelConfig
+from shakti_jax.model import ModelDef
+from shakti_jax.model.layout import is_per_layer, stack_layers
+
+LAYOUT_HINT = ("it holds per-layer params from before layers were stacked; start a new workdir "
+               "with --config.train.init_from={workdir} (params convert on load)")
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, damaged or does not fit; the message names the step."""
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir).absolute() / "checkpoints"
 
 
+# -- integrity ---------------------------------------------------------------------------
+def _checksum(x: jax.Array) -> jax.Array:
+    """A position-weighted uint32 sum of the array's bits: exact under any sharding."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def tree_checksums(tree: Any) -> dict[str, int]:
+    """{key path: checksum} of every array leaf."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = jax.device_get(jax.jit(lambda xs: [_checksum(x) for x in xs])([x for _, x in flat]))
+    return {jax.tree_util.keystr(path): int(s) for (path, _), s in zip(flat, sums)}
+
+
+def _verify(tree: Any, expected: dict[str, int] | None, what: str) -> None:
+    if not expected:
+        return
+    got = tree_checksums(tree)
+    bad = [k for k, v in got.items() if k in expected and expected[k] != v]
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} array(s) do not match their checksums "
+                              f"(first {bad[0]})")
+
+
+# -- the trainer's read-write manager ----------------------------------------------------
 class Checkpointer:
-    """Async saves with a retention policy; restores the newest readable step."""
+    """Async saves keeping the newest `keep` steps; restores the newest readable step."""
 
     def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
+            enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir), options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
 
-    def save(self, step: int, state: dict, data_state: dict, meta: dict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
+    def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict) -> None:
+        items = {"state": ocp.args.StandardSave(state),
+                 "meta": ocp.args.JsonSave({**meta, "step": step,
+                                            "checksums": tree_checksums(state)})}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore_latest(self, abstract_state: dict) -> tuple[int, dict, dict, dict] | None:
-        """(step, state, data_state, meta) of the newest step that reads back, or None."""
+    def restore_latest(self, abstract_state: Any, data_iterator: Any | None
+                       ) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest step that reads back and matches its checksums
+        (the iterator is restored in place), or None when there is none."""
         steps = sorted(self._manager.all_steps(), reverse=True)
         for i, step in enumerate(steps):
             try:
-                got = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-            except Exception as err:  # orbax/tensorstore raise many types for damaged files
+                tree = _state_tree(self._manager, step)
+            except Exception:  # noqa: BLE001 - damaged metadata; the restore below says more
+                tree = {}
+            if is_per_layer(tree.get("params", {})):
+                raise CheckpointError(f"checkpoint step {step} under {self._manager.directory}: "
+                                      + LAYOUT_HINT.format(workdir=self._manager.directory.parent))
+            items = {"state": ocp.args.StandardRestore(abstract_state),
+                     "meta": ocp.args.JsonRestore()}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                got = self._manager.restore(step, args=ocp.args.Composite(**items))
+                _verify(got["state"], got["meta"].get("checksums"), f"step {step}")
+            except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
                 reason = " ".join(str(err).split())[:200]
                 fallback = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "starting fresh"
                 kept = self._set_aside(step)
                 print(f"checkpoint step {step} is unreadable ({type(err).__name__}: {reason}); "
                       f"moved it to {kept.name}; {fallback}", file=sys.stderr)
                 continue
-            return step, got["state"], got["data"], got["meta"]
+            return step, got["state"], got["meta"]
         return None
 
     def _set_aside(self, step: int) -> Path:
@@ -76,109 +140,199 @@ class Checkpointer:
         self._manager.close()
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    config: ModelConfig
-    model: Transformer
-    step: int
-    tokenizer_path: Path | None
+# -- read-only access for generation, export and init_from -------------------------------
+def _open_readonly(workdir: str | Path) -> ocp.CheckpointManager:
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoints under {directory}")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager saves nothing
+    try:
+        return ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _state_tree(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.item_metadata(step)["state"].tree
+
+
+def _candidate_steps(manager: ocp.CheckpointManager, step: int | None) -> list[int]:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoints under {manager.directory}")
+    if step is None:
+        return steps
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} under {manager.directory} "
+                              f"(have {sorted(steps)})")
+    return [step]
+
+
+def _with_fallback(workdir: str | Path, step: int | None, read):
+    """`read(manager, step)` on the requested step, or on the newest step that reads back
+    (saying which newer steps were skipped); one-line CheckpointError when none does."""
+    with _open_readonly(workdir) as manager:
+        failures = []
+        for candidate in _candidate_steps(manager, step):
+            try:
+                result = read(manager, candidate)
+            except CheckpointError:
+                raise
+            except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
+                failures.append(f"step {candidate} ({type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:120]})")
+                continue
+            if failures:
+                print(f"skipped damaged checkpoint {'; '.join(failures)}; using step {candidate}",
+                      file=sys.stderr)
+            return candidate, result
+    hint = "" if step is not None else "; pick an older one with --step"
+    raise CheckpointError(f"checkpoint under {checkpoint_dir(workdir)} is damaged: "
+                          f"{'; '.join(failures)}{hint}")
+
+
+def _config_of(meta: dict, where: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: its model description is unreadable ({err})") from None
+
+
+def tokenizer_of(workdir: str | Path, meta: dict) -> Path | None:
+    """The tokenizer a checkpoint names: relative paths are inside the workdir."""
+    name = meta.get("tokenizer")
+    if not name:
+        return None
+    path = Path(name)
+    return path if path.is_absolute() else Path(workdir).absolute() / path
 
 
 @dataclasses.dataclass
 class LoadedParams:
     config: ModelConfig
-    params: dict  # the nested dict of nnx.Param values, as `nnx.to_pure_dict` gives it
+    params: dict  # nested dict of arrays, the ModelDef's layout
     step: int
     tokenizer_path: Path | None
 
+    @property
+    def model_def(self) -> ModelDef:
+        return ModelDef.from_config(self.config)
+
+
+def newest_meta(workdir: str | Path) -> dict | None:
+    """The meta of a workdir's newest step whose meta reads back, or None (no checkpoints)."""
+    if not checkpoint_dir(workdir).is_dir():
+        return None
+    with _open_readonly(workdir) as manager:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return _restore_meta(manager, step)
+            except Exception:  # noqa: BLE001 - a damaged step; the trainer sets it aside later
+                continue
+    return None
+
+
+def read_meta(workdir: str | Path, step: int | None = None) -> dict:
+    """The `meta` item (model config, tokenizer, step, experiment) of a checkpoint."""
+    return _with_fallback(workdir, step, _restore_meta)[1]
+
 
 def load_params(workdir: str | Path, step: int | None = None) -> LoadedParams:
-    """A training workdir's checkpoint params on the default device, without building a model
-    (one copy of the weights in memory). `step=None` takes the newest step.
+    """A workdir's checkpoint params on the default device, without building a model (one
+    copy of the weights in memory), verified against their checksums. `step=None` takes the
+    newest step that reads back. Per-layer checkpoints from before stacking convert here."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    Raises a one-line `FileNotFoundError` when there is none.
-    """
-    directory = checkpoint_dir(workdir)
-    with ocp.CheckpointManager(directory) as manager:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints under {directory}")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} under {directory} "
-                                    f"(have {sorted(steps)})")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        cfg = ModelConfig.from_dict(meta["model"])
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-        graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
-        target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                         nnx.to_pure_dict(params_state))}
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    def read(manager, candidate):
+        meta = _restore_meta(manager, candidate)
+        cfg = _config_of(meta, f"checkpoint step {candidate} under {manager.directory}")
+        tree = _state_tree(manager, candidate)
+        if is_per_layer(tree["params"]):
+            target = {"params": jax.tree.map(_restore_target, tree["params"])}
+        else:
+            abstract = ModelDef.from_config(cfg).abstract_params
+            target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)}
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        restored = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, restore_args=restore_args, partial_restore=True)))["state"]
-    tokenizer = meta.get("tokenizer")
-    return LoadedParams(cfg, restored["params"], step, Path(tokenizer) if tokenizer else None)
+        checksums = {k[len("['params']"):]: v for k, v in (meta.get("checksums") or {}).items()
+                     if k.startswith("['params']")}
+        _verify(restored["params"], checksums, f"step {candidate}")
+        return meta, cfg, _stacked(restored["params"], cfg)
+
+    step, (meta, cfg, params) = _with_fallback(workdir, step, read)
+    return LoadedParams(cfg, params, step, tokenizer_of(workdir, meta))
 
 
-def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
-    """The model (params only, on the default device) of a training workdir's checkpoint.
-
-    `step=None` takes the newest step. Raises a one-line `FileNotFoundError` when there is none.
-    """
-    loaded = load_params(workdir, step)
-    model = Transformer(loaded.config, nnx.Rngs(0))
-    nnx.update(model, _as_state(model, loaded.params))
-    return LoadedModel(loaded.config, model, loaded.step, loaded.tokenizer_path)
+def _restore_target(leaf) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
 
 
-def read_meta(workdir: str | Path) -> dict:
-    """The `meta` item (model config, tokenizer, step) of a workdir's newest checkpoint."""
-    directory = checkpoint_dir(workdir)
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoints under {directory}")
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+def _stacked(params: dict, cfg: ModelConfig) -> dict:
+    """Params in the stacked layout (converting a per-layer checkpoint's `blocks`)."""
+    if not is_per_layer(params):
+        return params
+    per_layer = [params["blocks"][str(i)] if str(i) in params["blocks"] else params["blocks"][i]
+                 for i in range(cfg.num_layers)]
+    rest = {k: v for k, v in params.items() if k != "blocks"}
+    stacked = stack_layers(jax.tree.map(np.asarray, per_layer), cfg)
+    return {**rest, **jax.tree.map(jnp.asarray, stacked)}
 
 
-def restore_params(workdir: str | Path, abstract_params: dict) -> tuple[dict, dict]:
-    """(params laid out as `abstract_params` (shapes, dtypes, shardings), meta) of a workdir's
-    newest checkpoint: initialises a later stage from an earlier one, on any mesh."""
-    directory = checkpoint_dir(workdir)
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoints under {directory} (train.init_from)")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+def restore_params(workdir: str | Path, abstract_params: dict, step: int | None = None
+                   ) -> tuple[dict, dict]:
+    """(params laid out as `abstract_params` (shapes, dtypes, shardings), meta) of a
+    workdir's checkpoint: initialises a later stage from an earlier one, on any mesh."""
+
+    def read(manager, candidate):
+        meta = _restore_meta(manager, candidate)
+        if is_per_layer(_state_tree(manager, candidate).get("params", {})):
+            return meta, None
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
                                     abstract_params)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            restored = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 {"params": abstract_params}, restore_args={"params": restore_args},
                 partial_restore=True)))["state"]
         except (ValueError, KeyError) as err:
             reason = " ".join(str(err).split())[:200]
-            raise FileNotFoundError(f"checkpoint {directory / str(step)} does not fit this model "
-                                    f"(train.init_from): {reason}") from None
-    return restored["params"], meta
+            raise CheckpointError(f"checkpoint {manager.directory / str(candidate)} does not fit "
+                                  f"this model (train.init_from): {reason}") from None
+        return meta, restored["params"]
+
+    step, (meta, params) = _with_fallback(workdir, step, read)
+    if params is None:  # per-layer layout: convert on the host, then place on the mesh
+        params = jax.device_put(load_params(workdir, step).params,
+                                jax.tree.map(lambda a: a.sharding, abstract_params))
+    return params, meta
 
 
-def _as_state(model: Transformer, params: dict) -> nnx.State:
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    return state
-
-
-def save_model(workdir: str | Path, model: Transformer, *, step: int = 0,
-               tokenizer_path: str | Path | None = None) -> Path:
-    """Write `model`'s params as a checkpoint `load_model` reads (e.g. a random init to export)."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    meta = {"model": model.cfg.to_dict(),
+def save_params(workdir: str | Path, config: ModelConfig, params: dict, *, step: int = 0,
+                tokenizer_path: str | Path | None = None) -> Path:
+    """Write params as a checkpoint `load_params` reads (e.g. a random init to export)."""
+    meta = {"model": config.to_dict(),
             "tokenizer": str(Path(tokenizer_path).absolute()) if tokenizer_path else None}
     checkpointer = Checkpointer(workdir, keep=1, async_save=False)
-    checkpointer.save(step, {"params": params}, {}, meta)
+    checkpointer.save(step, {"params": params}, None, meta)
     checkpointer.close()
     return checkpoint_dir(workdir) / str(step)
 
 
+def save_model(workdir: str | Path, model, *, step: int = 0,
+               tokenizer_path: str | Path | None = None) -> Path:
+    """`save_params` for an NNX `Transformer` (tests, benchmarks)."""
+    from flax import nnx
+
+    return save_params(workdir, model.cfg, nnx.to_pure_dict(nnx.state(model)), step=step,
+                       tokenizer_path=tokenizer_path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import optax
 from ml_collections import ConfigDict
@@ -37,12 +40,49 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                  optax.Schedule]:
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def check_optim(optim: ConfigDict) -> None:
+    """One-line ConfigError for any setting that cannot train (before anything compiles)."""
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"optim.{key}={optim[key]!r}: {why}")
+
+    def number(key: str) -> float:
+        value = optim[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise bad(key, "must be a number")
+        return float(value)
+
+    if not 0 < number("lr") < math.inf:
+        raise bad("lr", "must be a finite number > 0")
+    for key in ("b1", "b2"):
+        if not 0 <= number(key) < 1:
+            raise bad(key, "must be in [0, 1)")
+    if not number("eps") > 0:
+        raise bad("eps", "must be > 0")
+    for key in ("weight_decay", "clip_norm", "z_loss"):
+        if not 0 <= number(key) < math.inf:
+            raise bad(key, "must be a finite number >= 0 (0 turns it off)")
+    if not 0 <= number("min_lr_ratio") <= 1:
+        raise bad("min_lr_ratio", "must be in [0, 1]")
+    if not 0 < number("decay_fraction") <= 1:
+        raise bad("decay_fraction", "must be in (0, 1]")
+    warmup = optim.warmup_steps
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise bad("warmup_steps", "must be an integer >= 0")
+
+
+def make_optimizer(optim: ConfigDict, total_steps: int) -> Optimizer:
+    check_optim(optim)
     schedule = learning_rate_schedule(optim, total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                     weight_decay=optim.weight_decay, mask=decay_mask),
     )
-    return tx, schedule
+    return Optimizer(tx, schedule)

@@ -1,79 +1,33 @@
-"""Pure training and evaluation steps over a plain-pytree train state.
+"""The pure train and eval steps, and `build_step`, the one place they are jitted and compiled.
 
-The train state is `{"step", "params", "opt_state", "nonfinite", "first_nonfinite"}` (plus a
-frozen `reference` copy of the params for DPO with an in-memory reference), with
-params as a plain nested dict (`nnx.to_pure_dict`), so optax, orbax and sharding rules all
-see ordinary pytrees. The model is rebuilt inside the jitted step from its graph definition.
-A step whose loss or gradients are not finite never changes params or optimizer state; it
-only counts itself (`nonfinite`) and remembers the first such step, so the host can stop
-(or carry on) by config without ever holding, or saving, a poisoned state.
+`step(state, batch) -> (state, metrics)`: gradient accumulation over micro-batches with
+`lax.scan` (rows `i::M`, so each device keeps its rows); the objective returns sums and a
+count, and the step divides by the global count, so micro-batches and hosts add up exactly.
+A step whose loss, gradients or updated params are not finite never changes params or
+optimizer state; it only counts itself and remembers the first such step, so the host can
+stop (or carry on) by config without ever holding, or saving, a poisoned state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from shakti_jax.config import ModelConfig
-from shakti_jax.model import Transformer
-from shakti_jax.train.dpo import dpo_loss, sequence_logps
-from shakti_jax.train.losses import lm_loss_sums
+from shakti_jax.model import ModelDef
+from shakti_jax.sharding import DEFAULT_RULES, activation_sharding
+from shakti_jax.train import batches
+from shakti_jax.train.optimizer import Optimizer
+from shakti_jax.train.state import TrainState, init_state, state_shardings, with_shardings
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """A model split for functional use: graph, abstract params, and its (tiny) RNG state."""
-
-    cfg: ModelConfig
-    graphdef: Any
-    abstract_params: nnx.State
-    rng_state: nnx.State
-
-    @classmethod
-    def build(cls, cfg: ModelConfig, seed: int) -> ModelParts:
-        def split():
-            model = Transformer(cfg, nnx.Rngs(seed))
-            return nnx.split(model, nnx.Param, ...)
-
-        graphdef, abstract_params, _ = nnx.eval_shape(split)
-        rng_state = jax.jit(lambda: split()[2])()
-        return cls(cfg, graphdef, abstract_params, rng_state)
-
-    def init_params(self, seed: int) -> dict:
-        """Fresh parameters as a pure dict (call under jit with out_shardings to shard them)."""
-        model = Transformer(self.cfg, nnx.Rngs(seed))
-        return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
-
-    def model(self, params: dict, dropout_key: jax.Array | None = None) -> Transformer:
-        """The Transformer over `params`; with a key, dropout is on and seeded by it."""
-        state = jax.tree.map(lambda x: x, self.abstract_params)
-        nnx.replace_by_pure_dict(state, params)
-        model = nnx.merge(self.graphdef, state, self.rng_state)
-        if dropout_key is None:
-            model.eval()
-        else:
-            nnx.reseed(model, default=dropout_key)
-        return model
-
-
-def init_train_state(parts: ModelParts, tx: optax.GradientTransformation, seed: int, *,
-                     params: dict | None = None, with_reference: bool = False) -> dict:
-    """Step 0: fresh (or given) params, fresh optimizer state, and for DPO with an in-memory
-    reference a frozen copy of the starting params."""
-    params = parts.init_params(seed) if params is None else params
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "nonfinite": jnp.zeros((), jnp.int32), "first_nonfinite": jnp.full((), -1, jnp.int32)}
-    if with_reference:
-        state["reference"] = jax.tree.map(jnp.copy, params)
-    return state
+# objective(params, task_state, micro_batch, dropout_key | None)
+#   -> (objective sum, {metric name: sum}, count); the step divides by the global count.
+Objective = Callable[[dict, dict, Batch, Any], tuple[jax.Array, dict, jax.Array]]
 
 
 def _micro_batches(batch: Batch, count: int) -> Batch:
@@ -83,89 +37,46 @@ def _micro_batches(batch: Batch, count: int) -> Batch:
             for k, v in batch.items()}
 
 
-# objective(params, reference_params | None, micro_batch, dropout_key | None)
-#   -> (objective sum, {metric name: sum}, count); the step divides by the global count.
-Objective = Callable[[dict, Any, Batch, Any], tuple[jax.Array, dict, jax.Array]]
-
-
-def lm_objective(parts: ModelParts, z_loss: float = 0.0) -> Objective:
-    """Next-token NLL over masked targets (+ z-loss); count = target tokens."""
-
-    def objective(params, reference, mb, key):
-        del reference
-        logits = parts.model(params, key)(mb["inputs"], mb["positions"], mb["segment_ids"])
-        nll, z, count = lm_loss_sums(logits, mb["targets"], mb["loss_mask"])
-        return nll + z_loss * z, {"loss": nll, "z_loss": z}, count
-
-    return objective
-
-
-def dpo_objective(parts: ModelParts, *, beta: float, loss: str, label_smoothing: float) -> Objective:
-    """DPO over stacked [chosen; rejected] rows; the reference is frozen params (in memory)
-    or the batch's precomputed `ref_chosen` / `ref_rejected`; count = pairs."""
-
-    def logps(params, mb, key):
-        logits = parts.model(params, key)(mb["inputs"], mb["positions"], mb["segment_ids"])
-        return sequence_logps(logits, mb["targets"], mb["loss_mask"])
-
-    def objective(params, reference, mb, key):
-        policy = logps(params, mb, key)
-        pairs = policy.shape[0] // 2
-        if reference is None:
-            ref_c, ref_r = mb["ref_chosen"], mb["ref_rejected"]
-        else:
-            ref = jax.lax.stop_gradient(logps(reference, mb, None))
-            ref_c, ref_r = ref[:pairs], ref[pairs:]
-        per_pair, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref_c, ref_r, beta=beta,
-                                     loss=loss, label_smoothing=label_smoothing)
-        sums = {"loss": per_pair.sum(), **{k: v.sum() for k, v in metrics.items()}}
-        return per_pair.sum(), sums, jnp.asarray(pairs, jnp.float32)
-
-    return objective
-
-
-def make_train_step(parts: ModelParts, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, objective: Objective, *, micro_batches: int = 1,
-                    seed: int = 0) -> Callable[[dict, Batch], tuple[dict, dict]]:
-    """`step(state, batch) -> (state, metrics)`: gradient accumulation over `micro_batches`;
-    gradients and metrics are sums over the global batch divided by the objective's count."""
+def make_train_step(objective: Objective, optimizer: Optimizer, *, micro_batches: int = 1,
+                    seed: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The pure step; dropout keys are fold_in(seed, step), independent of where a run resumed."""
+    tx, schedule = optimizer.tx, optimizer.schedule
     base_key = jax.random.key(seed + 1)
-    grad_sums = jax.grad(lambda p, r, mb, k: _with_aux(objective(p, r, mb, k)), has_aux=True)
+    grad_sums = jax.grad(lambda p, t, mb, k: _with_aux(objective(p, t, mb, k)), has_aux=True)
 
-    def step(state, batch):
-        params, reference = state["params"], state.get("reference")
-        key = jax.random.fold_in(base_key, state["step"])
+    def step(state: TrainState, batch: Batch):
+        params, task_state = state.params, state.task_state
+        key = jax.random.fold_in(base_key, state.step)
+        mbs = _micro_batches(batch, micro_batches)
 
         def accumulate(carry, xs):
             mb, i = xs
-            g, aux = grad_sums(params, reference, mb, jax.random.fold_in(key, i))
+            g, aux = grad_sums(params, task_state, mb, jax.random.fold_in(key, i))
             return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-        _, aux_shape = jax.eval_shape(grad_sums, params, reference,
-                                      jax.tree.map(lambda x: x[0], _micro_batches(batch, micro_batches)),
-                                      key)
+        _, aux_shape = jax.eval_shape(grad_sums, params, task_state,
+                                      jax.tree.map(lambda x: x[0], mbs), key)
         zero = jax.tree.map(jnp.zeros_like, (params, aux_shape))
-        xs = (_micro_batches(batch, micro_batches), jnp.arange(micro_batches))
-        (g_sum, (sums, count)), _ = jax.lax.scan(accumulate, zero, xs)
+        (g_sum, (sums, count)), _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(micro_batches)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         grad_norm = optax.tree.norm(grads)
         metrics = {k: v / denom for k, v in sums.items()}
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        new_param_norm = optax.tree.norm(new_params)
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(new_param_norm))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {
-            **state,
-            "step": state["step"] + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
-            "first_nonfinite": jnp.where((state["first_nonfinite"] < 0) & ~finite,
-                                         state["step"], state["first_nonfinite"]),
-        }
-        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]),
-                       count=count, param_norm=optax.tree.norm(params))
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+            first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step,
+                                      state.first_nonfinite))
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), count=count,
+                       param_norm=jnp.where(finite, new_param_norm, optax.tree.norm(params)))
         return new_state, metrics
 
     return step
@@ -176,11 +87,74 @@ def _with_aux(result):
     return total, (sums, count)
 
 
-def make_eval_step(objective: Objective) -> Callable[[dict, Any, Batch], tuple[dict, jax.Array]]:
-    """`eval(params, reference, batch) -> (metric sums, count)` with dropout off."""
+def make_eval_step(objective: Objective) -> Callable[[dict, dict, Batch], tuple[dict, jax.Array]]:
+    """`eval(params, task_state, batch) -> (metric sums, count)` with dropout off."""
 
-    def evaluate(params, reference, batch):
-        _, sums, count = objective(params, reference, batch, None)
+    def evaluate(params, task_state, batch):
+        _, sums, count = objective(params, task_state, batch, None)
         return sums, count
 
     return evaluate
+
+
+@dataclasses.dataclass
+class BuiltStep:
+    """A task's compiled train step, its jitted eval step, and the layouts they take."""
+
+    train: Any  # compiled (state, batch) -> (state, metrics), state donated
+    evaluate: Any  # jitted (params, task_state, batch) -> (sums, count)
+    state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings (restore targets)
+    schema: batches.Schema
+    mesh: Mesh
+    rules: Mapping
+    init: Callable[[dict | None], TrainState]  # params (or None: fresh) -> sharded step-0 state
+
+    def global_batch(self, local: Mapping) -> Batch:
+        return batches.global_batch(self.schema, local, self.mesh, self.rules)
+
+    def memory_line(self) -> str:
+        analysis = self.train.memory_analysis()
+        if analysis is None:
+            return "compiled train step (no memory analysis on this backend)"
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        return (f"compiled train step per device: arguments "
+                f"{gib(analysis.argument_size_in_bytes)}, outputs "
+                f"{gib(analysis.output_size_in_bytes)}, temporaries "
+                f"{gib(analysis.temp_size_in_bytes)}, aliased {gib(analysis.alias_size_in_bytes)}")
+
+
+def build_step(task, model_def: ModelDef, optimizer: Optimizer, mesh: Mesh,
+               rules: Mapping = DEFAULT_RULES, *, batch_size: int, micro_batches: int = 1,
+               seed: int = 0) -> BuiltStep:
+    """Jit `task`'s objective into a sharded, donated train step compiled ahead of time for
+    global batches of `batch_size` examples, plus its eval step and the state layout."""
+    tx = optimizer.tx
+    param_sh = model_def.param_shardings(mesh, rules)
+
+    def fresh(params):
+        params = model_def.init(seed) if params is None else params
+        return init_state(params, tx, task.init_task_state(params))
+
+    abstract = jax.eval_shape(fresh, None)
+    shardings = state_shardings(abstract, tx, param_sh, mesh, task.task_state_shardings)
+    abstract = with_shardings(abstract, shardings)
+    schema = task.batch_schema
+    batch_sh = batches.shardings(schema, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = make_train_step(task.objective(model_def), optimizer, micro_batches=micro_batches,
+                           seed=seed)
+    with activation_sharding(mesh, rules):
+        jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
+                         out_shardings=(shardings, replicated), donate_argnums=0)
+        compiled = jitted.lower(abstract, batches.abstract(schema, task.batch_sizes(batch_size),
+                                                           mesh, rules)).compile()
+    evaluate = jax.jit(make_eval_step(task.eval_objective(model_def)),
+                       in_shardings=(shardings.params, shardings.task_state, batch_sh))
+
+    def init(params=None):
+        if params is None:
+            return jax.jit(lambda: fresh(None), out_shardings=shardings)()
+        return jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(params)
+
+    return BuiltStep(compiled, evaluate, shardings, abstract, schema, mesh, rules, init)
