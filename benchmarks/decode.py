@@ -17,13 +17,15 @@ import time
 import jax
 import numpy as np
 
-from shakti_jax.generate import generate, load_model
+from shakti_jax.generate import Generator, random_model
 
 
-def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int, use_cache: bool):
+def measure(generator: Generator, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+            use_cache: bool):
     rng = np.random.default_rng(0)
-    prompts = rng.integers(4, model.cfg.vocab_size, size=(batch, prompt_len)).tolist()
-    runs = [generate(model, prompts, max_new_tokens=new_tokens, use_cache=use_cache)
+    vocab = generator.model_def.config.vocab_size
+    prompts = rng.integers(4, vocab, size=(batch, prompt_len)).tolist()
+    runs = [generator(prompts, max_new_tokens=new_tokens, use_cache=use_cache)
             for _ in range(repeats)]
     return (statistics.median(r.prefill_tokens_per_sec for r in runs),
             statistics.median(r.decode_tokens_per_sec for r in runs))
@@ -46,10 +48,10 @@ def main() -> None:
     print("| model | batch | prefill tok/s | decode tok/s | no-cache decode tok/s | cache speedup |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
-        model = load_model(name, dtype=args.dtype)
+        generator = Generator(*random_model(name, dtype=args.dtype))
         for batch in args.batches:
-            prefill, decode = measure(model, batch, args.prompt_len, args.new_tokens, args.repeats, True)
-            _, reference = measure(model, batch, args.prompt_len, args.new_tokens, 1, False)
+            prefill, decode = measure(generator, batch, args.prompt_len, args.new_tokens, args.repeats, True)
+            _, reference = measure(generator, batch, args.prompt_len, args.new_tokens, 1, False)
             print(f"| {name} | {batch} | {prefill:,.0f} | {decode:,.1f} | {reference:,.1f} | "
                   f"{decode / reference:.1f}x |", flush=True)
 

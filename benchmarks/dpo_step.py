@@ -15,27 +15,38 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.dpo import get_config as dpo_experiment
 from shakti_jax.config import get_config
+from shakti_jax.model import ModelDef
 from shakti_jax.sharding import make_mesh
+from shakti_jax.train import batches
 from shakti_jax.train.optimizer import make_optimizer
-from shakti_jax.train.step import (ModelParts, dpo_objective, init_train_state, lm_objective,
-                                   make_train_step)
-from shakti_jax.train.trainer import train_state_layout
+from shakti_jax.train.step import build_step
+from shakti_jax.train.tasks import Task
+from shakti_jax.train.tasks.dpo import DPOTask
 
 
-def _time(parts, tx, schedule, objective, batch, with_reference: bool, steps: int) -> float:
-    mesh = make_mesh(data=1, fsdp=-1)
-    shardings, _ = train_state_layout(parts, tx, mesh, 0, with_reference)
-    state = jax.jit(lambda: init_train_state(parts, tx, 0, with_reference=with_reference),
-                    out_shardings=shardings)()
-    batch_sh = NamedSharding(mesh, P(("data", "fsdp")))
-    batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-    step = jax.jit(make_train_step(parts, tx, schedule, objective),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                   donate_argnums=0)
+class _PairsTask(Task):
+    """DPO's objective and reference state over given batches (no data files)."""
+
+    rows_per_example = 2
+    init_task_state = DPOTask.init_task_state
+    task_state_shardings = DPOTask.task_state_shardings
+    objective = DPOTask.objective
+
+    def __init__(self, config, cfg, in_memory: bool):
+        super().__init__(config, None, None, cfg)
+        self.in_memory = in_memory
+        if not in_memory:
+            self.batch_schema = {**batches.TOKENS, **batches.REFERENCE_LOGPS}
+
+
+def _time(task: Task, cfg, batch, batch_size: int, steps: int) -> float:
+    built = build_step(task, ModelDef.from_config(cfg), make_optimizer(task.config.optim, 1000),
+                       make_mesh(data=1, fsdp=-1), batch_size=batch_size)
+    step, state = built.train, built.init()
+    batch = built.global_batch(batch)
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -54,8 +65,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     cfg = get_config(args.model, dtype=args.dtype, dropout_rate=0.0)
-    parts = ModelParts.build(cfg, seed=0)
-    tx, schedule = make_optimizer(dpo_experiment("tiny").optim, 1000)
+    config = dpo_experiment("tiny")
+    config.data.seq_len = args.seq_len
     rows, T = 2 * args.pairs, args.seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, cfg.vocab_size, size=(rows, T + 1)).astype(np.int32)
@@ -64,12 +75,11 @@ def main() -> None:
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
              "segment_ids": np.ones((rows, T), np.int32),
              "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (rows, T)).copy()}
-    dpo = dict(beta=0.1, loss="sigmoid", label_smoothing=0.0)
     precomputed = {**batch, "ref_chosen": rng.normal(-100, 5, args.pairs).astype(np.float32),
                    "ref_rejected": rng.normal(-100, 5, args.pairs).astype(np.float32)}
-    sft = _time(parts, tx, schedule, lm_objective(parts), batch, False, args.steps)
-    memory = _time(parts, tx, schedule, dpo_objective(parts, **dpo), batch, True, args.steps)
-    pre = _time(parts, tx, schedule, dpo_objective(parts, **dpo), precomputed, False, args.steps)
+    sft = _time(Task(config, None, None, cfg), cfg, batch, rows, args.steps)
+    memory = _time(_PairsTask(config, cfg, True), cfg, batch, args.pairs, args.steps)
+    pre = _time(_PairsTask(config, cfg, False), cfg, precomputed, args.pairs, args.steps)
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, "
           f"{platform.processor() or platform.machine()}, jax {jax.__version__}, {args.dtype}, "
           f"{time.strftime('%Y-%m-%d')}; {args.model}, {args.pairs} pairs = {rows} rows x {T}\n")

@@ -20,40 +20,43 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.pretrain import get_config as experiment
-from shakti_jax.config import get_config
+from shakti_jax.config import ModelConfig, get_config
+from shakti_jax.model import ModelDef
 from shakti_jax.model_stats import summary
 from shakti_jax.sharding import make_mesh
 from shakti_jax.train.metrics import peak_flops_per_device
 from shakti_jax.train.optimizer import make_optimizer
-from shakti_jax.train.step import ModelParts, init_train_state, lm_objective, make_train_step
-from shakti_jax.train.trainer import train_state_layout
+from shakti_jax.train.step import BuiltStep, build_step
+from shakti_jax.train.tasks import Task
+
+
+def lm_step(cfg: ModelConfig, batch: int, seq_len: int, micro_batches: int = 1) -> BuiltStep:
+    """The trainer's compiled LM step (AdamW, donation, FSDP over every local device)."""
+    config = experiment("tiny")
+    config.data.seq_len = seq_len
+    return build_step(Task(config, None, None, cfg), ModelDef.from_config(cfg),
+                      make_optimizer(config.optim, 1000), make_mesh(data=1, fsdp=-1),
+                      batch_size=batch, micro_batches=micro_batches)
+
+
+def random_batch(cfg: ModelConfig, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, cfg.vocab_size, size=(rows, seq_len + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((rows, seq_len), np.float32),
+            "segment_ids": np.ones((rows, seq_len), np.int32),
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len))}
 
 
 def measure_training(model: str, *, batch: int, seq_len: int, steps: int, dtype: str,
-                     micro_batches: int = 1) -> dict:
+                     micro_batches: int = 1, **overrides) -> dict:
     """Post-compile throughput of `steps` optimizer steps on random tokens."""
-    cfg = get_config(model, dtype=dtype, dropout_rate=0.0)
-    tx, schedule = make_optimizer(experiment("tiny").optim, 1000)
-    parts = ModelParts.build(cfg, seed=0)
-    mesh = make_mesh(data=1, fsdp=-1)
-    shardings, abstract = train_state_layout(parts, tx, mesh, seed=0)
-    state = jax.jit(lambda: init_train_state(parts, tx, 0), out_shardings=shardings)()
-    batch_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, cfg.vocab_size, size=(batch, seq_len + 1)).astype(np.int32)
-    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "loss_mask": np.ones((batch, seq_len), np.float32),
-            "segment_ids": np.ones((batch, seq_len), np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len))}
-    data = {k: jax.device_put(v, batch_sh) for k, v in data.items()}
-    step = jax.jit(make_train_step(parts, tx, schedule, lm_objective(parts), micro_batches=micro_batches),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                   donate_argnums=0)
-    compiled = step.lower(abstract, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
-                                     for k, v in data.items()}).compile()
+    cfg = get_config(model, dtype=dtype, dropout_rate=0.0, **overrides)
+    built = lm_step(cfg, batch, seq_len, micro_batches)
+    compiled, state = built.train, built.init()
+    data = built.global_batch(random_batch(cfg, batch, seq_len))
     state, metrics = compiled(state, data)  # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()

@@ -6,9 +6,10 @@ A conversation renders as
 
 with each text encoded on its own as plain text (so every turn gets sentencepiece's dummy
 prefix, as `Tokenizer.encode(written_out, special=True)` and llama.cpp give the written-out
-template). Only this renderer puts control ids in a conversation: a "<|end|>" or "</s>" written
-inside a text stays text, so data cannot fake or break the turn structure. The loss covers the tokens of every assistant turn's text and its closing `<|end|>` (so the
-model learns to stop), never the role tokens or any other turn.
+template). Only this renderer puts control ids in a conversation: a "<|end|>" or "</s>"
+written inside a text stays text, so data cannot fake or break the turn structure. The loss
+covers the tokens of every assistant turn's text and its closing `<|end|>` (so the model
+learns to stop), never the role tokens or any other turn.
 
 Truncation keeps the final assistant turn (the answer) whole and trims the tokens before it
 from the left (after `<s>`), counting what was trimmed; an answer that alone does not fit

@@ -24,7 +24,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
 
-from data_pipelines.chat import Rendered, render, truncate
+from data_pipelines.chat import render, truncate
 from data_pipelines.errors import DataError, UserError
 from data_pipelines.records import Conversation, PreferencePair
 from data_pipelines.sources import Document, SourceSpec, open_source
@@ -141,8 +141,10 @@ class BadRecords:
 
 
 def _patience(lengths: Sequence[int], weights: Sequence[float], process_count: int) -> int:
-    """Records of an endless mixture read in a row before each source has been read through a
-    whole epoch: twice a source's length over its share of the mixture, times the hosts."""
+    """Bad records in a row after which an endless mixture has shown every record: any 2n
+    picks in a row of a source of n records hold a whole epoch of it, and a source of weight w
+    is picked once per sum(weights) / w records. Each host reads every `process_count`-th
+    record, so the bound is scaled by `process_count` (generous there, not exact)."""
     total = sum(weights)
     return process_count * max(math.ceil((2 * n + 1) * total / w) for n, w in zip(lengths, weights))
 
@@ -242,6 +244,9 @@ def _pack(docs: grain.MapDataset, tokenizer: Tokenizer, batch_size: int, seq_len
     return ds.batch(batch_size, drop_remainder=True).map(to_model_batch)
 
 
+_PAIR_FEATURES = ("inputs", "targets", "real")
+
+
 def _pack_aligned(ids: grain.MapDataset, read: grain.ReadOptions, batch_size: int, seq_len: int,
                   align: int) -> grain.IterDataset:
     """Pack (input, target) pairs of each document, padded to a multiple of `align`, into rows
@@ -250,9 +255,6 @@ def _pack_aligned(ids: grain.MapDataset, read: grain.ReadOptions, batch_size: in
     ds = ids.map(functools.partial(_aligned_pairs, align=align)).to_iter_dataset(read)
     ds = ConcatThenSplitIterDataset(ds, length_struct=dict.fromkeys(_PAIR_FEATURES, seq_len))
     return ds.batch(batch_size, drop_remainder=True).map(_aligned_model_batch)
-
-
-_PAIR_FEATURES = ("inputs", "targets", "real")
 
 
 def _aligned_pairs(ids: np.ndarray, align: int) -> dict[str, np.ndarray]:

@@ -9,12 +9,13 @@ normalisation (no NFKC), whitespace kept as written, byte fallback (no `<unk>` f
 characters), digits split one per piece, and a dummy prefix space (exported as
 `tokenizer.ggml.add_space_prefix = true`).
 
-Special tokens (`<unk> <s> </s> <pad>` and the chat tokens) are control or unknown pieces, which
-sentencepiece never matches inside text. `Tokenizer.encode` reads "<|end|>" or "</s>" in data or prompts as plain characters;
-only the chat renderer (`data_pipelines.chat`) inserts their ids. `encode(text, special=True)`
-instead reads special-token strings as their ids, as llama.cpp's `parse_special` and
-transformers' added tokens do: it cuts the text at them and encodes each stretch of plain text on
-its own, so every stretch gets the dummy prefix space: "<|user|>hi" -> [<|user|>, "▁hi"].
+Special tokens (`<unk> <s> </s> <pad>` and the chat tokens) are control or unknown pieces,
+which sentencepiece never matches inside text: `Tokenizer.encode` reads "<|end|>" or "</s>" in
+data or prompts as plain characters, and only the chat renderer (`data_pipelines.chat`) inserts
+their ids. `encode(text, special=True)` instead reads special-token strings as their ids, as
+llama.cpp's `parse_special` and transformers' added tokens do: it cuts the text at them and
+encodes each stretch of plain text on its own, so every stretch gets the dummy prefix space:
+"<|user|>hi" -> [<|user|>, "▁hi"].
 """
 
 from __future__ import annotations

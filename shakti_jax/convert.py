@@ -2,31 +2,38 @@
 
     python -m shakti_jax.convert --checkpoint runs/pretrain --format gguf --quant q4_0 --out model.gguf
     python -m shakti_jax.convert --checkpoint 'runs/*' --format gguf --quant q4_0,q8_0,q4_k_m --out exports/
-    python -m shakti_jax.convert --checkpoint runs/sft --format hf --out hf_model/
+    python -m shakti_jax.convert --checkpoint runs/sft --step 2000 --format hf --out hf_model/
 
-One conversion (one checkpoint, one quant type) writes `--out` itself; a batch writes
+One conversion (one checkpoint, one quant type) writes `--out` itself (a GGUF file into it when
+it is a folder; an HF folder replaces a previous export there); a batch writes
 `{checkpoint}-{quant}.gguf` (or `{checkpoint}-hf-{quant}/`) inside the `--out` folder. Every
-request is checked (checkpoints, tokenizers, quant names, row lengths, attention layouts)
-before the first weight is loaded, and every output is written atomically. Ends with a table
-of sizes against F32 and time taken.
+request is checked (checkpoints, steps, tokenizers, quant names, row lengths, attention
+layouts, output paths) before the first weight is loaded; weights with NaN/Inf are refused
+before anything is written, and every output is written atomically (see data_pipelines.atomic).
+Ends with a table of sizes against F32 and time taken. Bad input, a damaged checkpoint step
+or an OS error (permissions, full disk) is one `error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 from tqdm import tqdm
 
-from data_pipelines.cli import ArgumentParser, fail
-from shakti_jax.config import ConfigError, ModelConfig
+from data_pipelines.atomic import sigterm_unwinds
+from data_pipelines.cli import ArgumentParser, one_line, run_main
+from shakti_jax.config import ModelConfig
 from shakti_jax.export.canonical import CanonicalModel, ExportError, canonicalize
 from shakti_jax.export.gguf_export import check_quantizable, gguf_tensor_count, quant_type, write_gguf
-from shakti_jax.export.hf_export import HF_DTYPES, hf_tensor_count, write_hf
+from shakti_jax.export.hf_export import HF_DTYPES, hf_tensor_count, is_hf_export, write_hf
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +63,8 @@ def expand_checkpoints(patterns: Sequence[str]) -> list[Path]:
 
 
 def plan(checkpoints: Sequence[Path], fmt: str, quants: Sequence[str], out: Path) -> list[Job]:
-    """Output paths: `out` itself for a single conversion, else one file or folder per job in it."""
+    """Output paths: `out` itself for a single conversion (a GGUF file goes into `out` when it
+    is a folder), else one file or folder per job in it. Refuses targets it cannot write."""
     if len({c.name for c in checkpoints}) < len(checkpoints):
         raise ExportError("two --checkpoint folders share a name; their outputs would collide")
     single = len(checkpoints) * len(quants) == 1
@@ -64,8 +72,37 @@ def plan(checkpoints: Sequence[Path], fmt: str, quants: Sequence[str], out: Path
     for checkpoint in checkpoints:
         for quant in quants:
             name = f"{checkpoint.name}-{quant}.gguf" if fmt == "gguf" else f"{checkpoint.name}-hf-{quant}"
-            jobs.append(Job(checkpoint, quant, out if single and not out.is_dir() else out / name))
+            inside = not single or (fmt == "gguf" and out.is_dir())
+            jobs.append(Job(checkpoint, quant, out / name if inside else out))
+    for job in jobs:
+        check_target(job.out, fmt)
     return jobs
+
+
+def check_target(path: Path, fmt: str) -> None:
+    """Fail before loading anything when `path` cannot be written, or would replace something
+    that is not an earlier export of the same format."""
+    if fmt == "gguf" and path.is_dir():
+        raise ExportError(f"--out: {path} is a folder, not a GGUF file")
+    if fmt == "hf" and path.exists() and not is_hf_export(path):
+        raise ExportError(f"--out: {path} exists and is not an HF export; refusing to replace it")
+    folder = next(p for p in path.parents if p.exists())
+    if not folder.is_dir():
+        raise ExportError(f"--out: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"--out: folder {folder} is not writable")
+
+
+def parse_quants(text: str | None, fmt: str) -> list[str]:
+    """The `--quant` list (the format's default when None); an empty entry is an error."""
+    if text is None:
+        return ["q4_0" if fmt == "gguf" else "f32"]
+    quants = [q.strip().lower() for q in text.split(",")]
+    for i, quant in enumerate(quants, 1):
+        if not quant:
+            raise ExportError(f"--quant {text!r}: entry {i} is empty")
+        check_quant(fmt, quant)
+    return quants
 
 
 def check_quant(fmt: str, quant: str) -> None:
@@ -75,62 +112,109 @@ def check_quant(fmt: str, quant: str) -> None:
         quant_type(quant)
 
 
-def describe(checkpoint: Path, tokenizer: str | None, fmt: str, allow_attention_change: bool
-             ) -> tuple[ModelConfig, Path, CanonicalModel, list[str]]:
-    """Config, tokenizer and weight-free canonical form of a checkpoint (validates everything)."""
-    from shakti_jax.train.checkpoint import read_meta
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A checkpoint step, validated: its tokenizer and weight-free canonical form."""
+    checkpoint: Path
+    step: int
+    tokenizer_path: Path
+    canon: CanonicalModel
+    warnings: list[str]
+
+
+def checkpoint_steps(checkpoint: Path) -> list[int]:
+    """The finished steps of a training workdir (its `checkpoints/<step>` folders), oldest first."""
+    from shakti_jax.train.checkpoint import checkpoint_dir
+
+    folder = checkpoint_dir(checkpoint)
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def pick_step(checkpoint: Path, step: int | None) -> int:
+    """`step`, or the newest step when None; a missing step is an error listing those there."""
+    steps = checkpoint_steps(checkpoint)
+    if not steps:
+        raise ExportError(f"--checkpoint {checkpoint}: no checkpoints in it")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ExportError(f"--checkpoint {checkpoint}: no step {step}; "
+                          f"it has steps {', '.join(map(str, steps))}")
+    return step
+
+
+def read_step(read: Callable[[Path, int], T], checkpoint: Path, step: int) -> T:
+    """`read(checkpoint, step)`; any failure means a damaged step: one line suggesting --step."""
+    try:
+        return read(checkpoint, step)
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
+        others = [s for s in checkpoint_steps(checkpoint) if s != step]
+        hint = (f"export another step with --step ({', '.join(map(str, others))})" if others
+                else "it has no other step")
+        raise ExportError(f"{checkpoint}: checkpoint step {step} is damaged "
+                          f"({type(err).__name__}: {one_line(err)[:300]}); {hint}") from err
+
+
+def describe(checkpoint: Path, step: int | None, tokenizer: str | None, fmt: str,
+             allow_attention_change: bool) -> Source:
+    """A checkpoint step's config, tokenizer and weight-free canonical form (validates everything)."""
+    from shakti_jax.train.checkpoint import read_meta, tokenizer_of
 
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint} is not a folder")
-    meta = read_meta(checkpoint)
+    step = pick_step(checkpoint, step)
+    meta = read_step(read_meta, checkpoint, step)
     cfg = ModelConfig.from_dict(meta["model"])
-    tokenizer_path = tokenizer or meta.get("tokenizer")
+    tokenizer_path = Path(tokenizer) if tokenizer else tokenizer_of(checkpoint, meta)
     if not tokenizer_path:
         raise ExportError(f"{checkpoint}: the checkpoint names no tokenizer; pass --tokenizer")
-    if not Path(tokenizer_path).exists():
+    if not tokenizer_path.exists():
         raise ExportError(f"{checkpoint}: tokenizer {tokenizer_path} does not exist; pass --tokenizer")
     canon, warnings = canonicalize(cfg, None, tokenizer_path, allow_attention_change=allow_attention_change,
-                                   rope_pairing="interleaved" if fmt == "gguf" else "halves")
-    return cfg, Path(tokenizer_path), canon, [f"{checkpoint}: {w}" for w in warnings]
+                                   rope_pairing=_pairing(fmt))
+    return Source(checkpoint, step, tokenizer_path, canon, [f"{checkpoint}: {w}" for w in warnings])
+
+
+def _pairing(fmt: str) -> str:
+    return "interleaved" if fmt == "gguf" else "halves"
 
 
 def convert(jobs: Sequence[Job], fmt: str, tokenizer: str | None = None,
-            allow_attention_change: bool = False, progress: bool = True) -> list[Result]:
-    """Run `jobs`, loading each checkpoint once. Everything is validated before any weight loads."""
+            allow_attention_change: bool = False, progress: bool = True,
+            step: int | None = None) -> list[Result]:
+    """Run `jobs`, loading each checkpoint once (its `step`, default the newest). Everything is
+    validated before any weight loads; NaN/Inf weights are refused before anything is written."""
     by_checkpoint: dict[Path, list[Job]] = {}
     for job in jobs:
         check_quant(fmt, job.quant)
         by_checkpoint.setdefault(job.checkpoint, []).append(job)
-    described = {}
+    sources = {}
     for checkpoint, its_jobs in by_checkpoint.items():
-        described[checkpoint] = describe(checkpoint, tokenizer, fmt, allow_attention_change)
+        sources[checkpoint] = describe(checkpoint, step, tokenizer, fmt, allow_attention_change)
         for job in its_jobs:
             if fmt == "gguf":
-                check_quantizable(described[checkpoint][2], quant_type(job.quant))
-    for *_, warnings in described.values():
-        for warning in warnings:
+                check_quantizable(sources[checkpoint].canon, quant_type(job.quant))
+    for source in sources.values():
+        for warning in source.warnings:
             print(warning, file=sys.stderr)
 
     from shakti_jax.train.checkpoint import load_params
 
     count = gguf_tensor_count if fmt == "gguf" else hf_tensor_count
-    per_job = {ckpt: count(canon) for ckpt, (_, _, canon, _) in described.items()}
-    bar = tqdm(total=sum(per_job[j.checkpoint] for j in jobs), unit="tensor", disable=not progress)
+    bar = tqdm(total=sum(count(sources[j.checkpoint].canon) for j in jobs), unit="tensor",
+               disable=not progress)
     results = []
     for checkpoint, its_jobs in by_checkpoint.items():
-        _, tokenizer_path, _, _ = described[checkpoint]
-        loaded = load_params(checkpoint)
-        canon, _ = canonicalize(loaded.config, loaded.params, tokenizer_path,
-                                allow_attention_change=allow_attention_change,
-                                rope_pairing="interleaved" if fmt == "gguf" else "halves")
+        source = sources[checkpoint]
+        loaded = read_step(load_params, checkpoint, source.step)
+        canon, _ = canonicalize(loaded.config, loaded.params, source.tokenizer_path,
+                                allow_attention_change=allow_attention_change, rope_pairing=_pairing(fmt))
         f32_bytes = sum(4 * t.numel for t in canon.tensors)
         for job in its_jobs:
             bar.set_description(f"{checkpoint.name} {job.quant}")
             start = time.perf_counter()
-            if fmt == "gguf":
-                write_gguf(canon, job.out, job.quant, on_tensor=lambda _: bar.update())
-            else:
-                write_hf(canon, job.out, job.quant, on_tensor=lambda _: bar.update())
+            write = write_gguf if fmt == "gguf" else write_hf
+            write(canon, job.out, job.quant, on_tensor=lambda _: bar.update())
             results.append(Result(job, _size(job.out), f32_bytes, time.perf_counter() - start))
         del loaded, canon
     bar.close()
@@ -150,10 +234,13 @@ def table(results: Sequence[Result]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The command line: exits 0 after printing the size table, or 2 with one `error:` line."""
     parser = ArgumentParser(prog="shakti_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", nargs="+", required=True,
                         help="training workdirs (paths or quoted globs); the newest step of each")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint step to export (default: the newest)")
     parser.add_argument("--format", choices=("gguf", "hf"), required=True)
     parser.add_argument("--quant", default=None,
                         help="comma-separated: f32,f16,bf16,q8_0,q5_0,q4_0,q4_k_m,q5_k_m,q6_k for "
@@ -164,15 +251,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="export block-sparse layers as full causal attention (changes outputs)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    default_quant = "q4_0" if args.format == "gguf" else "f32"
-    quants = [q.strip().lower() for q in (args.quant or default_quant).split(",")]
-    try:
-        jobs = plan(expand_checkpoints(args.checkpoint), args.format, quants, Path(args.out))
+
+    def body() -> None:
+        jobs = plan(expand_checkpoints(args.checkpoint), args.format,
+                    parse_quants(args.quant, args.format), Path(args.out))
         results = convert(jobs, args.format, args.tokenizer, args.allow_attention_change,
-                          progress=not args.no_progress)
-    except (ExportError, ConfigError, FileNotFoundError) as err:
-        fail(str(err))
-    print(table(results))
+                          progress=not args.no_progress, step=args.step)
+        print(table(results))
+
+    with sigterm_unwinds():
+        run_main(body)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def test_mixture_follows_weights(tmp_path, tokenizer):
 
 def test_source_spec_parsing():
     spec = SourceSpec.parse("jsonl:/x/y.jsonl?field=body&weight=0.25")
-    assert (spec.kind, spec.path, spec.options, spec.weight) == ("jsonl", "/x/y.jsonl", {"field": "body"}, 0.25)
+    assert (spec.kind, spec.path, spec.options, spec.weight) == \
+        ("jsonl", "/x/y.jsonl", {"field": "body"}, 0.25)
 
 
 def test_shared_pretraining_text(shared_data, tokenizer):

@@ -23,6 +23,7 @@ from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from shakti_jax.config import get_config
 from shakti_jax.export import ExportError, canonicalize, model_params, write_gguf, write_hf
 from shakti_jax.export.gguf_export import QUANT_TYPES
+from shakti_jax.export.hf_export import to_dtype
 from shakti_jax.model import Transformer
 from tests.gguf_reference import GGUFModel
 
@@ -185,7 +186,7 @@ def test_tokenizer_ids_agree_across_sentencepiece_llama_cpp_and_transformers(tok
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(hf_folder("mixed"))
     auto = transformers.AutoTokenizer.from_pretrained(hf_folder("global"))  # Llama folder
     for text in TOKENIZER_BATTERY:
-        expected = tokenizer.encode(text, add_bos=True)
+        expected = tokenizer.encode(text, add_bos=True, special=True)  # as the runtimes parse them
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == expected, text
         assert hf(text)["input_ids"] == expected, text
         assert auto(text)["input_ids"] == expected, text
@@ -217,6 +218,15 @@ def test_hf_bf16_weights_are_the_rounded_f32_weights(hf_folder):
         assert torch.equal(bf16[name], w.to(torch.bfloat16)), name
     config = json.loads((hf_folder("mixed", "bf16") / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+def test_hf_bf16_keeps_nan_and_inf_and_rounds_to_nearest_even():
+    bits = np.array([0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000],
+                    np.uint32)
+    got = to_dtype(bits.view(np.float32), "bf16")
+    assert np.isnan(got[:3].astype(np.float32)).all()  # NaN payloads must not round to Inf or 0
+    assert list(got[3:5].astype(np.float32)) == [np.inf, -np.inf]
+    assert list(got[5:].view(np.uint16)) == [0x3F80, 0x3F82]  # ties go to the even mantissa
 
 
 def test_transformers_reads_the_llama_gguf(gguf_file, prompts):
@@ -316,11 +326,18 @@ def checkpoints(tmp_path_factory, tokenizer) -> Path:
     return root
 
 
-def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, capsys):
+def run_cli(args: list[str]) -> int:
+    """`shakti_jax.convert.main(args)`'s exit code."""
     from shakti_jax.convert import main
 
-    main(["--checkpoint", str(checkpoints / "run_*"), "--format", "gguf", "--quant", "f32,q8_0,q4_0",
-          "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
+def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, capsys):
+    assert run_cli(["--checkpoint", str(checkpoints / "run_*"), "--format", "gguf", "--quant",
+                    "f32,q8_0,q4_0", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["checkpoint", "quant", "size", "MB"]
     assert len(table) == 1 + 2 * 3
@@ -330,8 +347,8 @@ def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, c
         assert Path(out) == tmp_path / "out" / f"{name}-{quant}.gguf" and Path(out).is_file()
         sizes[quant] = float(ratio)
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f32"]
-    main(["--checkpoint", str(checkpoints / "run_a"), "--format", "hf", "--out", str(tmp_path / "hf"),
-          "--no-progress"])
+    assert run_cli(["--checkpoint", str(checkpoints / "run_a"), "--format", "hf", "--out",
+                    str(tmp_path / "hf"), "--no-progress"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
@@ -342,14 +359,14 @@ def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, c
     (["--checkpoint", "{root}/run_a", "--format", "hf", "--quant", "q8_0"], "--format hf writes f32, bf16, f16"),
     (["--checkpoint", "{root}/run_*", "{root}/nothing_*", "--format", "gguf"], "'{root}/nothing_*' matches nothing"),
     (["--checkpoint", "{root}/run_a", "{root}/missing", "--format", "gguf"], "{root}/missing is not a folder"),
+    (["--checkpoint", "{root}/run_a", "--format", "gguf", "--quant", ""], "--quant '': entry 1 is empty"),
+    (["--checkpoint", "{root}/run_a", "--format", "hf", "--quant", "f32,"], "--quant 'f32,': entry 2 is empty"),
+    (["--checkpoint", "{root}/run_a", "--format", "gguf", "--quant", "q8_0, ,q4_0"],
+     "--quant 'q8_0, ,q4_0': entry 2 is empty"),
 ])
 def test_cli_rejects_bad_requests_in_one_line_before_writing(args, message, checkpoints, tmp_path, capsys):
-    from shakti_jax.convert import main
-
     args = [a.format(root=checkpoints) for a in args]
-    with pytest.raises(SystemExit) as exit_info:
-        main(args + ["--out", str(tmp_path / "out"), "--no-progress"])
-    assert exit_info.value.code == 2
+    assert run_cli(args + ["--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message.format(root=checkpoints) in err, err
     assert list(tmp_path.iterdir()) == []

@@ -76,7 +76,8 @@ def test_adapters(tmp_path):
         [("user", "Q?"), ("assistant", "A.")]
     msgs = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "a"},
                                                        {"role": "assistant", "content": "b"}]}])
-    assert load_conversations(f"jsonl:{msgs}?format=messages")[0].messages == [("user", "a"), ("assistant", "b")]
+    assert load_conversations(f"jsonl:{msgs}?format=messages")[0].messages == \
+        [("user", "a"), ("assistant", "b")]
     alpaca = _jsonl(tmp_path / "a.jsonl", [
         {"instruction": "Do", "input": "this", "output": "done"},
         {"instruction": "Fix", "instances": [{"input": "x", "output": "y"}, {"input": "", "output": "z"}]}])
@@ -86,7 +87,8 @@ def test_adapters(tmp_path):
         [("user", "Fix\n\nx"), ("assistant", "y")], [("user", "Fix"), ("assistant", "z")]]
     assert [c.where for c in convs] == [f"{alpaca}:1", f"{alpaca}:2 instance 1", f"{alpaca}:2 instance 2"]
     pub = tmp_path / "p.json"
-    pub.write_text(json.dumps({"123": {"QUESTION": "Why?", "CONTEXTS": ["c1", "c2"], "LONG_ANSWER": "Because."}}))
+    pub.write_text(json.dumps({"123": {"QUESTION": "Why?", "CONTEXTS": ["c1", "c2"],
+                                       "LONG_ANSWER": "Because."}}))
     conv = load_conversations(f"json:{pub}?format=pubmedqa")[0]
     assert conv.where.endswith("p.json:123")
     assert conv.messages == [("user", "c1\nc2\n\nQuestion: Why?"), ("assistant", "Because.")]
@@ -101,7 +103,8 @@ def test_hh_transcripts_become_a_shared_prompt_and_two_replies(tmp_path):
         f.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
         f.write(json.dumps({"chosen": chosen, "rejected": chosen}) + "\n")
         f.write(json.dumps({"chosen": chosen, "rejected": "\n\nHuman: other\n\nAssistant: x"}) + "\n")
-        f.write(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: a"}) + "\n")
+        f.write(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: ",
+                            "rejected": "\n\nHuman: hi\n\nAssistant: a"}) + "\n")
         f.write("{broken\n")
     pairs = load_pairs(f"jsonl:{path}?format=hh")
     assert pairs[0].prompt == [("user", "hi"), ("assistant", "hello"), ("user", "help me")]
@@ -126,8 +129,10 @@ def test_bad_sft_records_error_or_skip(tmp_path, tok):
     skipped = SkippedRecords()
     rows = list(first_batches(sft_batches(sources, tok, batch_size=1, seq_len=32, seed=None,
                                           bad_records="skip", skipped=skipped), 10))
-    assert skipped.by_problem == {"no assistant turn": 1, "unknown role 'wizard' (expected one of ('system', 'user', 'assistant'))": 1,
-                                  "answer alone is longer than the context (33 tokens)": 1}
+    assert skipped.by_problem == {
+        "no assistant turn": 1,
+        "unknown role 'wizard' (expected one of ('system', 'user', 'assistant'))": 1,
+        "answer alone is longer than the context (33 tokens)": 1}
     assert skipped.total == 3
     # the two good conversations share one packed row, each a segment, loss on answers only
     assert len(rows) == 1
@@ -141,7 +146,8 @@ def test_bad_sft_records_error_or_skip(tmp_path, tok):
 def test_dpo_rows_share_the_prompt_and_mask_only_the_reply(tmp_path, tok):
     long_prompt = "context " * 60
     path = _jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": long_prompt, "chosen": "a short good reply", "rejected": "a much longer and worse reply here"}])
+        {"prompt": long_prompt, "chosen": "a short good reply",
+         "rejected": "a much longer and worse reply here"}])
     pairs = load_pairs(f"jsonl:{path}?format=pairs")
     skipped = SkippedRecords()
     batch = next(iter(dpo_batches(pairs, tok, batch_size=1, seq_len=40, seed=None, skipped=skipped)))

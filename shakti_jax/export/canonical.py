@@ -121,7 +121,7 @@ def read_vocabulary(tokenizer_path: str | Path, vocab_size: int) -> Vocabulary:
         elif sp.IsUnused(i):
             types.append(TokenType.UNUSED)
         elif pieces[-1].startswith("<|") and pieces[-1].endswith("|>"):
-            types.append(TokenType.USER_DEFINED)  # the chat tokens: whole pieces, split out before encoding
+            types.append(TokenType.USER_DEFINED)  # chat tokens: whole pieces, split out first
         else:
             types.append(TokenType.NORMAL)
     for i in range(n, vocab_size):
@@ -141,8 +141,6 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
     NaN or Inf weights.
     """
     export_cfg, warnings = check_exportable(cfg, allow_attention_change)
-    if params is not None:
-        check_finite(params)
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def matrix(get, out_shape, permute_heads=0):
@@ -182,17 +180,22 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
     if not cfg.tie_embeddings:
         tensors.append(CanonicalTensor("output.weight", (cfg.vocab_size, D),
                                        matrix(lambda: params["lm_head"], (cfg.vocab_size, D))))
+    if params is not None:
+        check_finite(tensors, params)
     vocab = read_vocabulary(tokenizer_path, cfg.vocab_size)
     return CanonicalModel(export_cfg, tensors, vocab, rope_pairing), warnings
 
 
-def check_finite(params: dict) -> None:
-    """Raise ExportError naming the first parameter (in tree order) with NaN or Inf values."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        bad = int(jnp.size(leaf) - jnp.isfinite(leaf).sum())
+def check_finite(tensors: list[CanonicalTensor], params: dict) -> None:
+    """Raise ExportError naming the first tensor with NaN or Inf values. One pass over the
+    params on their device; tensors are only converted to name the culprit."""
+    if all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(params)):
+        return
+    for t in tensors:
+        values = t.load()
+        bad = values.size - int(np.isfinite(values).sum())
         if bad:
-            name = "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
-            raise ExportError(f"weight {name} has {bad} NaN/Inf values (of {jnp.size(leaf)}); "
+            raise ExportError(f"{t.name} has {bad} NaN/Inf values (of {values.size}); "
                               f"a diverged checkpoint cannot be exported")
 
 

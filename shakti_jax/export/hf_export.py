@@ -33,7 +33,8 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 # weight dtype: (safetensors code, config.json torch dtype, numpy dtype)
-HF_DTYPES = {"f32": ("F32", "float32", np.dtype("<f4")), "bf16": ("BF16", "bfloat16", np.dtype(ml_dtypes.bfloat16)),
+HF_DTYPES = {"f32": ("F32", "float32", np.dtype("<f4")),
+             "bf16": ("BF16", "bfloat16", np.dtype(ml_dtypes.bfloat16)),
              "f16": ("F16", "float16", np.dtype("<f2"))}
 
 # Renders conversations exactly as data_pipelines.chat does for training.
@@ -102,6 +103,13 @@ def write_hf(canon: CanonicalModel, out_dir: str | Path, dtype: str = "f32",
     return out_dir
 
 
+def is_hf_export(path: str | Path) -> bool:
+    """Whether `path` is a folder `write_hf` may replace: an earlier export, or empty."""
+    path = Path(path)
+    return path.is_dir() and (not any(path.iterdir()) or
+                              all((path / name).is_file() for name in ("config.json", "model.safetensors")))
+
+
 def hf_tensor_count(canon: CanonicalModel) -> int:
     """Tensors in model.safetensors (the canonical ones plus Qwen2's zero biases)."""
     return sum(1 for _ in _hf_tensors(canon))
@@ -138,7 +146,8 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, CanonicalTensor]], d
 
 def to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     """`x` in HF weight dtype `dtype` (little-endian; bf16 by ml_dtypes: nearest even, NaN kept)."""
-    return np.ascontiguousarray(x, np.float32).astype(HF_DTYPES[dtype][2])
+    with np.errstate(invalid="ignore"):  # NaN casts quietly, as NaN
+        return np.ascontiguousarray(x, np.float32).astype(HF_DTYPES[dtype][2])
 
 
 def tokenizer_json(vocab: Vocabulary) -> dict:

@@ -40,6 +40,10 @@ class CheckpointError(UserError):
     """A checkpoint is missing, damaged or does not fit; the message names the step."""
 
 
+class ChecksumMismatch(Exception):
+    """Arrays read back but differ from what was saved: the step is damaged."""
+
+
 def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir).absolute() / "checkpoints"
 
@@ -53,9 +57,16 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
+def _named(tree: Any) -> Any:
+    """A dataclass state as {field: value}, so its key paths read like a dict's."""
+    if dataclasses.is_dataclass(tree):
+        return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    return tree
+
+
 def tree_checksums(tree: Any) -> dict[str, int]:
-    """{key path: checksum} of every array leaf."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    """{key path: checksum} of every array leaf (dataclass fields as dict keys)."""
+    flat = jax.tree_util.tree_flatten_with_path(_named(tree))[0]
     sums = jax.device_get(jax.jit(lambda xs: [_checksum(x) for x in xs])([x for _, x in flat]))
     return {jax.tree_util.keystr(path): int(s) for (path, _), s in zip(flat, sums)}
 
@@ -64,9 +75,12 @@ def _verify(tree: Any, expected: dict[str, int] | None, what: str) -> None:
     if not expected:
         return
     got = tree_checksums(tree)
-    bad = [k for k, v in got.items() if k in expected and expected[k] != v]
+    missing = [k for k in got if k not in expected]
+    if missing:
+        raise ChecksumMismatch(f"{what}: no checksum recorded for {missing[0]}")
+    bad = [k for k, v in got.items() if expected[k] != v]
     if bad:
-        raise CheckpointError(f"{what}: {len(bad)} array(s) do not match their checksums "
+        raise ChecksumMismatch(f"{what}: {len(bad)} array(s) do not match their checksums "
                               f"(first {bad[0]})")
 
 

@@ -64,10 +64,18 @@ def _load_config():
 
 
 def _config_error(err: Exception) -> str:
+    flag = getattr(err, "flagname", "") or ""
+    if isinstance(err, flags.UnrecognizedFlagError) and flag.startswith("config."):
+        return (f"unknown config key {flag[len('config.'):]!r}; see the experiment file for the "
+                f"available keys")
     if isinstance(err, (AttributeError, KeyError)):  # an override names a key the config lacks
-        text = str(err)
-        key = text.split("'")[1] if text.count("'") >= 2 else text
-        return f"unknown config key {key!r}; see the experiment file for the available keys"
+        inner = err
+        while isinstance(inner, (AttributeError, KeyError)) and inner.args:
+            inner = inner.args[0]  # ml-collections wraps the KeyError in an AttributeError
+        text = " ".join(str(inner).split())
+        key, _, hint = text.partition(" Did you mean")
+        hint = f" (did you mean{hint.split(' instead of')[0]}?)" if hint else ""
+        return f"unknown config key {key}{hint}; see the experiment file for the available keys"
     return _one_line(err)
 
 
@@ -91,6 +99,9 @@ def _flags_parser(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    import jax
+
+    jax.config.config_with_absl()  # --jax_* flags (e.g. --jax_platforms=cpu) parse with ours
     app.run(lambda argv: run_main(lambda: _train(argv)), flags_parser=_flags_parser)
 
 

@@ -43,7 +43,7 @@ class PretrainTask(Task):
             return None
         return eval_batches(self.eval_sources or self.sources, self.tokenizer,
                             batch_size=batch_size, holdout_every=self._holdout_every,
-                            **self._common(process_index, process_count))
+                            align=self._align(), **self._common(process_index, process_count))
 
     def eval_objective(self, model_def: ModelDef) -> Objective:
         """The LM loss plus the UTF-8 bytes the targets stand for, summed on device, so bits
