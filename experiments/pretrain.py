@@ -58,6 +58,7 @@ def get_config(size: str = "tiny") -> ConfigDict:
     c.train.progress_bar = True
     c.train.init_from = ""  # a previous stage's workdir (SFT, DPO); params only, any mesh
     c.train.init_from_step = 0  # 0: init_from's newest readable step
+    c.train.resume_step = 0  # 0: resume from the newest readable step; N: from step N (newer set aside)
     c.train.allow_changes = ""  # comma-separated keys a rerun of this workdir may change: "train.steps"
     c.train.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in WORKDIR/profile
 

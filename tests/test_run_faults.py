@@ -230,3 +230,40 @@ def test_no_held_out_data_means_no_eval_metrics(tmp_path, tokenizer_path, capfd)
     assert not [k for r in rows for k in r if k.startswith("eval_")]
     assert capfd.readouterr().err.count("no held-out data") == 1
     assert np.isfinite(rows[-1]["loss"])
+
+
+def test_resume_from_a_chosen_step_keeps_the_newer_one(trained, tmp_path, tokenizer_path, capfd):
+    workdir = _copy(trained, tmp_path / "run")
+    rows = read_metrics(workdir)
+    Trainer(_config(tokenizer_path, resume_step=2), workdir).run()
+    err = capfd.readouterr().err
+    assert "moved the newer step 4 to 4.after-resume-" in err and "resuming from checkpoint step 2" in err
+    assert [p.name.split(".")[0] for p in (workdir / "checkpoints").iterdir()
+            if ".after-resume-" in p.name] == ["4"]
+    again = read_metrics(workdir)
+    assert [r["step"] for r in again] == [r["step"] for r in rows]
+    np.testing.assert_array_equal([r["loss"] for r in again[1:]], [r["loss"] for r in rows[1:]])
+
+
+def test_skipped_records_are_counted_once_and_survive_a_resume(tmp_path, tokenizer_path):
+    corpus = tmp_path / "docs.jsonl"
+    good = [json.dumps({"text": f"record {i} of the corpus, with some words in it. " * 3})
+            for i in range(60)]
+    corpus.write_text("\n".join(good[:7] + ["{not json"] + good[7:]) + "\n")
+    config = _config(tokenizer_path, steps=6, log_every=1, checkpoint_every=3,
+                     allow_changes="train.steps")
+    config.data.sources = (f"jsonl:{corpus}",)
+    config.data.bad_records = "skip"
+    config.data.holdout_every = 0
+    Trainer(config, tmp_path).run()
+    first = read_metrics(tmp_path)
+    assert {r["skipped_records"] for r in first[2:]} == {1}, first
+    config.train.steps = 9
+    Trainer(config, tmp_path).run()
+    assert read_metrics(tmp_path)[-1]["skipped_records"] == 1
+
+
+def test_profile_steps_write_a_trace(tmp_path, tokenizer_path):
+    Trainer(_config(tokenizer_path, steps=3, profile_steps=(1, 2)), tmp_path).run()
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0

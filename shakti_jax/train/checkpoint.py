@@ -106,11 +106,21 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any | None
-                       ) -> tuple[int, Any, dict] | None:
-        """(step, state, meta) of the newest step that reads back and matches its checksums
-        (the iterator is restored in place), or None when there is none."""
+    def restore_latest(self, abstract_state: Any, data_iterator: Any | None,
+                       at_most: int | None = None) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest step (<= `at_most`, when given) that reads back
+        and matches its checksums (the iterator is restored in place), or None. Steps newer
+        than `at_most` are renamed aside (kept, never re-read), since the run overwrites them."""
         steps = sorted(self._manager.all_steps(), reverse=True)
+        if at_most is not None:
+            if at_most not in steps:
+                raise CheckpointError(f"train.resume_step={at_most}: no such checkpoint under "
+                                      f"{self._manager.directory} (have {sorted(steps)})")
+            for step in [s for s in steps if s > at_most]:
+                kept = self._set_aside(step, "after-resume")
+                print(f"train.resume_step={at_most}: moved the newer step {step} to {kept.name}",
+                      file=sys.stderr)
+            steps = [s for s in steps if s <= at_most]
         for i, step in enumerate(steps):
             try:
                 tree = _state_tree(self._manager, step)
@@ -136,10 +146,10 @@ class Checkpointer:
             return step, got["state"], got["meta"]
         return None
 
-    def _set_aside(self, step: int) -> Path:
-        """Rename a damaged step out of orbax's view (kept for inspection, never re-read)."""
+    def _set_aside(self, step: int, why: str = "unreadable") -> Path:
+        """Rename a step out of orbax's view (kept for inspection, never re-read)."""
         source = self._manager.directory / str(step)
-        target = source.with_name(f"{step}.unreadable-{int(time.time())}")
+        target = source.with_name(f"{step}.{why}-{int(time.time())}")
         source.rename(target)
         self._manager.reload()
         return target

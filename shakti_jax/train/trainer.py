@@ -72,6 +72,14 @@ def check_config(config: ConfigDict, mesh_devices: int) -> ModelConfig:
         raise ConfigError(f"train.batch_size={train.batch_size}: each micro-batch of {micro} rows "
                           f"must divide over the mesh's {mesh_devices} batch shards "
                           f"(mesh.data x mesh.fsdp)")
+    for key in ("resume_step", "init_from_step"):
+        value = train.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"train.{key}={value!r}: must be an integer >= 0 (0: the newest)")
+    block = cfg.sparse.block_size
+    if "block_sparse" in cfg.layer_kinds and config.get("stage") == "pretrain" and data.seq_len % block:
+        raise ConfigError(f"data.seq_len={data.seq_len}: must be a multiple of model.sparse."
+                          f"block_size={block} (packed documents start on layout blocks)")
     profile = tuple(train.get("profile_steps", ()))
     if profile and (len(profile) != 2 or not 0 <= profile[0] < profile[1] <= train.steps):
         raise ConfigError(f"train.profile_steps={profile!r}: must be (first, last) with "
@@ -168,7 +176,8 @@ class Trainer:
 
     def _restore_or_init(self, checkpointer: Checkpointer, step: BuiltStep, data: DataState
                          ) -> tuple[TrainState, str]:
-        restored = checkpointer.restore_latest(step.abstract_state, data)
+        restored = checkpointer.restore_latest(step.abstract_state, data,
+                                               self.config.train.get("resume_step") or None)
         seed, init_from = self.config.train.seed, self.config.train.get("init_from", "")
         if restored is not None:
             at, state, meta = restored

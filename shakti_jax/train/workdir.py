@@ -32,7 +32,8 @@ TOKENIZER = "tokenizer.model"
 ALWAYS_CHANGEABLE = ("train.progress_bar", "train.log_every", "train.eval_every",
                      "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.async_checkpoints", "train.allow_changes", "train.profile_steps",
-                     "train.init_from", "train.init_from_step", "data.num_threads")
+                     "train.init_from", "train.init_from_step", "train.resume_step",
+                     "data.num_threads")
 # Settings the saved arrays' shapes or structure depend on.
 NEVER_CHANGEABLE = ("stage", "model.vocab_size", "model.num_layers", "model.d_model",
                     "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.ffn_dim",
