@@ -1,12 +1,12 @@
 """Conversion time and peak memory per quant type, next to llama.cpp's own route.
 
     python -m benchmarks.convert [--model shakti_500m] [--quants q4_0 q8_0 ...]
-                                 [--llama-cpp-src vendor/llama.cpp]
+                                 [--llama_cpp_src vendor/llama.cpp]
 
 Our route: `python -m shakti_jax.convert` on a random-init checkpoint, one process per quant
 type, measured whole (start-up, checkpoint load, conversion, write). A process that only loads
 the checkpoint is measured too, so the conversion's own share is the difference.
-llama.cpp's route (with `--llama-cpp-src`, a llama.cpp source tree): the same weights as a HF
+llama.cpp's route (with `--llama_cpp_src`, a llama.cpp source tree): the same weights as a HF
 folder -> `convert_hf_to_gguf.py` (F32/F16/BF16/Q8_0 directly, F32 otherwise) -> llama.cpp's
 quantizer (`llama_model_quantize`, what `llama-quantize` runs). Prints a markdown table.
 """
@@ -43,7 +43,7 @@ def checkpoint(name: str, workdir: Path) -> Path:
 def ours(ckpt: Path, quant: str, workdir: Path) -> tuple[float, float, int]:
     out = workdir / f"ours-{quant}.gguf"
     seconds, rss = run_measured([PY, "-m", "shakti_jax.convert", "--checkpoint", str(ckpt), "--format",
-                                 "gguf", "--quant", quant, "--out", str(out), "--no-progress"])
+                                 "gguf", "--quant", quant, "--out", str(out), "--no_progress"])
     return seconds, rss, out.stat().st_size
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--model", default="shakti_500m")
     parser.add_argument("--quants", nargs="+",
                         default=["f32", "f16", "bf16", "q8_0", "q5_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m"])
-    parser.add_argument("--llama-cpp-src", type=Path, default=None)
+    parser.add_argument("--llama_cpp_src", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/shakti_bench_convert"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def main() -> None:
     hf_dir = args.workdir / "hf"
     if args.llama_cpp_src and not hf_dir.exists():
         run_measured([PY, "-m", "shakti_jax.convert", "--checkpoint", str(ckpt), "--format", "hf",
-                      "--out", str(hf_dir), "--no-progress"])
+                      "--out", str(hf_dir), "--no_progress"])
     print(f"{args.model}, random init; {machine()}; {time.strftime('%Y-%m-%d')}")
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"load-only process: {base_s:.1f} s, peak RSS {base_rss:.2f} GiB "

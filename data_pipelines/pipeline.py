@@ -33,6 +33,8 @@ from data_pipelines.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 BAD_RECORD_POLICIES = ("error", "skip")
 _EPOCHS = 1_000_000  # "forever": the index space covers this many passes over each source
 
+READ_AHEAD, PAIR_READ_AHEAD = 256, 64  # records grain's reader threads may map ahead
+
 
 class SkippedRecords:
     """Bad records skipped, by problem, and prompt tokens trimmed to fit the context.
@@ -140,13 +142,17 @@ class BadRecords:
             self._in_a_row = 0
 
 
-def _patience(lengths: Sequence[int], weights: Sequence[float], process_count: int) -> int:
+def _patience(lengths: Sequence[int], weights: Sequence[float], process_count: int,
+              read_ahead: int) -> int:
     """Bad records in a row after which an endless mixture has shown every record: any 2n
     picks in a row of a source of n records hold a whole epoch of it, and a source of weight w
     is picked once per sum(weights) / w records. Each host reads every `process_count`-th
-    record, so the bound is scaled by `process_count` (generous there, not exact)."""
+    record, so the bound is scaled by `process_count` (generous there, not exact). Reader
+    threads may map up to `read_ahead` later records before a good one is counted, so that
+    many are added."""
     total = sum(weights)
-    return process_count * max(math.ceil((2 * n + 1) * total / w) for n, w in zip(lengths, weights))
+    return read_ahead + process_count * max(math.ceil((2 * n + 1) * total / w)
+                                            for n, w in zip(lengths, weights))
 
 
 class DocumentTokenizer:
@@ -205,7 +211,7 @@ def train_batches(sources: Sequence[tuple[SourceSpec, Sequence[Document]]], toke
         lengths.append(len(indices))
     weights = [spec.weight for spec, _ in sources]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    bad = BadRecords(bad_records, skipped, _patience(lengths, weights, process_count))
+    bad = BadRecords(bad_records, skipped, _patience(lengths, weights, process_count, READ_AHEAD))
     return _pack(mixed[process_index::process_count], tokenizer, batch_size, seq_len, bad,
                  num_threads, align)
 
@@ -236,7 +242,7 @@ def _pack(docs: grain.MapDataset, tokenizer: Tokenizer, batch_size: int, seq_len
     if isinstance(align, bool) or not isinstance(align, int) or align < 1 or seq_len % align:
         raise UserError(f"align={align!r} must be a positive integer dividing seq_len={seq_len}")
     ds = docs.map(DocumentTokenizer(tokenizer, bad))
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=256)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=READ_AHEAD)
     if align > 1:
         return _pack_aligned(ds, read, batch_size, seq_len, align)
     ds = ds.map(lambda ids: {"tokens": ids}).to_iter_dataset(read)
@@ -345,7 +351,7 @@ def sft_batches(sources: Sequence[tuple[str, Sequence[Conversation]]], tokenizer
                                     process_count)
     encode = ConversationEncoder(tokenizer, seq_len + 1, BadRecords(bad_records, skipped, patience))
     ds = ds.map(encode).to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                          prefetch_buffer_size=256))
+                                                          prefetch_buffer_size=READ_AHEAD))
     length = {"tokens": seq_len + 1, "loss_mask": seq_len + 1}
     ds = FirstFitPackIterDataset(ds, length_struct=length, num_packing_bins=max(batch_size, 8),
                                  seed=seed or 0, shuffle_bins=seed is not None)
@@ -372,7 +378,7 @@ def _records_dataset(sources, holdout_every: int, part: str, seed: int | None,
     ds = ds[process_index::process_count]
     if seed is None:
         return ds, len(ds)
-    return ds, _patience(lengths, [1.0] * len(lengths), process_count)
+    return ds, _patience(lengths, [1.0] * len(lengths), process_count, READ_AHEAD)
 
 
 class PairEncoder:
@@ -423,9 +429,9 @@ def dpo_batches(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, *, batch_
         patience = len(ds)
     else:
         ds = _shuffled_forever(items, np.arange(len(items)), seed)[process_index::process_count]
-        patience = _patience([len(items)], [1.0], process_count)
+        patience = _patience([len(items)], [1.0], process_count, PAIR_READ_AHEAD)
     ds = ds.map(PairEncoder(tokenizer, seq_len, BadRecords(bad_records, skipped, patience)))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=PAIR_READ_AHEAD))
     return ds.batch(batch_size, drop_remainder=drop_remainder).map(to_pair_batch)
 
 

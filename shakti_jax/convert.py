@@ -247,9 +247,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                              "gguf (default q4_0); f32,bf16,f16 for hf (default f32)")
     parser.add_argument("--out", required=True, help="file or folder (a folder for batches)")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model, if not the checkpoint's")
-    parser.add_argument("--allow-attention-change", action="store_true",
+    parser.add_argument("--allow_attention_change", action="store_true",
                         help="export block-sparse layers as full causal attention (changes outputs)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
     def body() -> None:

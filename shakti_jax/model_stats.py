@@ -40,7 +40,7 @@ class Tensor:
 
 
 def tensors(cfg: ModelConfig) -> list[Tensor]:
-    """Every parameter of the model with its path, shape and logical axes."""
+    """Every parameter of every layer with its path, shape and logical axes."""
     from shakti_jax.model import Transformer
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
@@ -49,7 +49,11 @@ def tensors(cfg: ModelConfig) -> list[Tensor]:
     for path, var in jax.tree_util.tree_leaves_with_path(
             state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        out.append(Tensor(name, tuple(var.shape), tuple(var.get_metadata()["out_sharding"])))
+        shape, axes = tuple(var.shape), tuple(var.get_metadata()["out_sharding"])
+        if axes[0] == "layers":  # stacked layers: one tensor per layer, as the exporter writes
+            out.extend(Tensor(f"{name}.{i}", shape[1:], axes[1:]) for i in range(shape[0]))
+        else:
+            out.append(Tensor(name, shape, axes))
     return out
 
 

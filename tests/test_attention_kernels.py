@@ -156,7 +156,7 @@ def test_rectangular_tiles_and_every_gqa_ratio(block_q, block_k):
 def test_tile_plan_skips_empty_tiles_and_lists_every_visible_one():
     mask = MaskSpec(window=64)
     plan = tile_plan(mask, 900, 900, 64, 64)  # 15 tiles a side, padded to 16 for Triton
-    any_visible, _ = mask.block_map(900, 900, 64, 64)
+    any_visible = mask.block_map(900, 900, 64, 64)
     assert plan.computed_tiles == any_visible.sum() == 15 + 14  # diagonal + one tile back
     assert plan.kv_blocks_QP.shape[0] == plan.q_blocks_KP.shape[0] == 16
     assert plan.kv_count_Q[15] == plan.q_count_K[15] == 0
@@ -347,9 +347,8 @@ def test_direct_kernel_calls_refuse_tiles_that_would_drop_the_layout():
 
 def test_block_map_in_bands_equals_one_dense_evaluation():
     mask = MaskSpec(window=300, sparse=BlockSparse(block_size=64, random_blocks=2, seed=5))
-    any_visible, all_visible = mask.block_map(4000, 4100, 64, 64, q_offset=100)  # several bands
+    any_visible = mask.block_map(4000, 4100, 64, 64, q_offset=100)  # several bands
     q_pos, k_pos = 100 + np.arange(63 * 64), np.arange(65 * 64)
     dense = mask.allowed(q_pos, np.where(k_pos < 4100, k_pos, -1)) & (np.arange(63 * 64) < 4000)[:, None]
     tiles = dense.reshape(63, 64, 65, 64)
     np.testing.assert_array_equal(any_visible, tiles.any(axis=(1, 3)))
-    np.testing.assert_array_equal(all_visible, tiles.all(axis=(1, 3)))

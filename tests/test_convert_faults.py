@@ -75,7 +75,7 @@ def runs(tmp_path_factory) -> Path:
 def cli(capsys, *args: str | Path) -> tuple[int, str]:
     """(exit code, stderr) of `shakti_jax.convert.main(args)`."""
     with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args] + ["--no-progress"])
+        main([str(a) for a in args] + ["--no_progress"])
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -187,7 +187,7 @@ def test_a_folder_set_aside_by_a_killed_swap_is_put_back(tmp_path):
 
 
 def start_stalled(*args: str | Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", STALLED_CONVERT, *map(str, args), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-c", STALLED_CONVERT, *map(str, args), "--no_progress"],
                             cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
 
 

@@ -1,6 +1,7 @@
 """DPO and SFT losses against numpy, and the SFT -> DPO stages on the shared trainer."""
 
 import gzip
+import json
 import math
 
 import jax
@@ -143,3 +144,40 @@ def test_pretrain_sft_dpo_stages(shared_data, tmp_path, tokenizer_path):
     for key in ("logps/ref_chosen", "logps/ref_rejected", "logps/policy_chosen"):
         assert rows["memory"][key] == pytest.approx(rows["precomputed"][key], rel=1e-5), key
     assert 0.0 <= rows["memory"]["eval_rewards/accuracy"] <= 1.0
+
+
+def test_precomputed_reference_is_never_reused_for_other_pairs(tmp_path, tokenizer_path):
+    """The table is keyed by a digest of the pairs, tokenizer, sequence length and start: the
+    same inputs reuse it, changed pairs (even as many of them) recompute it."""
+    from data_pipelines.default_corpus import default_preference_pairs
+    from data_pipelines.pipeline import SkippedRecords
+    from data_pipelines.tokenizer import Tokenizer
+    from shakti_jax.train.tasks import PrepareContext
+    from shakti_jax.train.tasks.dpo import DPOTask
+
+    pairs = default_preference_pairs(40)
+    data = tmp_path / "pairs.jsonl"
+    config = _small(dpo_experiment("tiny"), tokenizer_path, 1)
+    config.dpo.reference = "precomputed"
+    config.data.seq_len = 64
+    config.data.sources = (f"jsonl:{data}?format=pairs",)
+    cfg = get_config("tiny")
+    model_def = ModelDef.from_config(cfg)
+    params = model_def.init(0)
+    logs = []
+
+    def prepared(rows):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        task = DPOTask(config, Tokenizer.load(tokenizer_path), SkippedRecords(), cfg)
+        task.prepare(PrepareContext(model_def, params, tmp_path, "seed:0", logs.append))
+        return task.reference_table
+
+    first = prepared(pairs[:20])
+    assert np.isfinite(first[~np.isnan(first[:, 0])]).all() and logs == [
+        "precomputing reference log-probs of every pair"]
+    np.testing.assert_array_equal(prepared(pairs[:20]), first)  # reused: nothing recomputed
+    assert len(logs) == 1
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs[20:40]]
+    second = prepared(swapped)
+    assert "made for other pairs" in logs[1] and len(logs) == 3
+    assert second.shape == first.shape and not np.allclose(second, first, equal_nan=True)

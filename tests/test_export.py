@@ -268,7 +268,7 @@ def test_unexportable_models_are_refused(tokenizer):
     with pytest.raises(ExportError, match="model.mlp='silu'"):
         canon_of(get_config("tiny").replace(mlp="silu"), tokenizer)
     sparse = get_config("tiny").replace(attention_pattern=("block_sparse", "global"))
-    with pytest.raises(ExportError, match=r"block-sparse layers \[0\].*--allow-attention-change"):
+    with pytest.raises(ExportError, match=r"block-sparse layers \[0\].*--allow_attention_change"):
         canon_of(sparse, tokenizer)
     canon, warnings = canon_of(sparse, tokenizer, allow_attention_change=True)
     assert canon.config.layer_kinds == ("global", "global")
@@ -337,7 +337,7 @@ def run_cli(args: list[str]) -> int:
 
 def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, capsys):
     assert run_cli(["--checkpoint", str(checkpoints / "run_*"), "--format", "gguf", "--quant",
-                    "f32,q8_0,q4_0", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+                    "f32,q8_0,q4_0", "--out", str(tmp_path / "out"), "--no_progress"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["checkpoint", "quant", "size", "MB"]
     assert len(table) == 1 + 2 * 3
@@ -348,7 +348,7 @@ def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, c
         sizes[quant] = float(ratio)
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f32"]
     assert run_cli(["--checkpoint", str(checkpoints / "run_a"), "--format", "hf", "--out",
-                    str(tmp_path / "hf"), "--no-progress"]) == 0
+                    str(tmp_path / "hf"), "--no_progress"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
@@ -366,7 +366,7 @@ def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, c
 ])
 def test_cli_rejects_bad_requests_in_one_line_before_writing(args, message, checkpoints, tmp_path, capsys):
     args = [a.format(root=checkpoints) for a in args]
-    assert run_cli(args + ["--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert run_cli(args + ["--out", str(tmp_path / "out"), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message.format(root=checkpoints) in err, err
     assert list(tmp_path.iterdir()) == []

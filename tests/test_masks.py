@@ -73,14 +73,14 @@ def test_random_blocks_depend_only_on_query_block():
 
 def test_block_map_agrees_with_dense_mask():
     spec = MaskSpec(window=6, sparse=SPARSE)
-    any_vis, all_vis = spec.block_map(q_len=21, kv_len=30, block_q=4, block_k=8, q_offset=9)
+    any_vis = spec.block_map(q_len=21, kv_len=30, block_q=4, block_k=8, q_offset=9)
+    assert any_vis.shape == (6, 4)
     dense = brute_force(spec, 9 + np.arange(21), np.arange(30))
     for qi in range(any_vis.shape[0]):
         for ki in range(any_vis.shape[1]):
             tile = dense[qi * 4:(qi + 1) * 4, ki * 8:(ki + 1) * 8]
             assert any_vis[qi, ki] == tile.any()
-            full = tile.shape == (4, 8) and tile.all()
-            assert all_vis[qi, ki] == full
+    assert any_vis.any() and not any_vis.all()  # the layout skips some tiles
 
 
 def naive_attention(q, k, v, ok):

@@ -25,6 +25,7 @@ from flax import nnx
 from gguf import TokenType  # llama.cpp's llama_token_type
 
 from data_pipelines.errors import UserError
+from data_pipelines.tokenizer import CHAT_TOKENS
 from shakti_jax.config import ModelConfig
 from shakti_jax.model.layout import layer_tensor
 
@@ -90,7 +91,7 @@ def check_exportable(cfg: ModelConfig, allow_attention_change: bool = False) -> 
               f"{s.global_blocks} global, {s.random_blocks} random)")
     if not allow_attention_change:
         raise ExportError(f"{layout}: no edge runtime runs this layout; pass "
-                          f"--allow-attention-change to export them as full causal attention")
+                          f"--allow_attention_change to export them as full causal attention")
     pattern = tuple("global" if k == "block_sparse" else k for k in cfg.layer_kinds)
     warning = (f"warning: {layout} are exported as full causal attention; they attend to more "
                f"keys than in training, so outputs will differ from the JAX model")
@@ -114,14 +115,12 @@ def read_vocabulary(tokenizer_path: str | Path, vocab_size: int) -> Vocabulary:
         scores.append(float(sp.GetScore(i)))
         if sp.IsUnknown(i):
             types.append(TokenType.UNKNOWN)
-        elif sp.IsControl(i):
+        elif sp.IsControl(i) or pieces[-1] in CHAT_TOKENS:  # older models: user-defined chat pieces
             types.append(TokenType.CONTROL)
         elif sp.IsByte(i):
             types.append(TokenType.BYTE)
         elif sp.IsUnused(i):
             types.append(TokenType.UNUSED)
-        elif pieces[-1].startswith("<|") and pieces[-1].endswith("|>"):
-            types.append(TokenType.USER_DEFINED)  # chat tokens: whole pieces, split out first
         else:
             types.append(TokenType.NORMAL)
     for i in range(n, vocab_size):

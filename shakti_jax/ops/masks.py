@@ -92,10 +92,6 @@ class MaskSpec:
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, got {self.window}")
 
-    @property
-    def is_dense_causal(self) -> bool:
-        return self.causal and self.window is None and self.sparse is None
-
     def allowed(self, q_pos, k_pos):
         """Boolean mask for query positions `q_pos[..., T]` and key positions `k_pos[..., S]`.
 
@@ -123,7 +119,7 @@ class MaskSpec:
         return ok
 
     def block_map(self, q_len: int, kv_len: int, block_q: int, block_k: int, q_offset: int = 0):
-        """Host-side tile metadata: (any_visible, all_visible) bool arrays [nq, nk].
+        """Host-side tile metadata: which tiles hold any visible pair, bool [nq, nk].
 
         Tiles cover positions q_offset + [0, q_len) and [0, kv_len); tail tiles are
         padded with positions that count as not visible. Segment ids are not included.
@@ -132,7 +128,7 @@ class MaskSpec:
         nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
         k_pos = np.arange(nk * block_k)
         k_pos = np.where(k_pos < kv_len, k_pos, -1)
-        any_visible, all_visible = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
+        any_visible = np.zeros((nq, nk), bool)
         band = max(1, (1 << 22) // (block_q * nk * block_k))  # query tiles per step
         for start in range(0, nq, band):
             stop = min(nq, start + band)
@@ -140,8 +136,8 @@ class MaskSpec:
             dense = np.array(self.allowed(q_offset + rows, k_pos))  # writable copy
             dense[rows >= q_len] = False
             tiles = dense.reshape(stop - start, block_q, nk, block_k)
-            any_visible[start:stop], all_visible[start:stop] = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
-        return any_visible, all_visible
+            any_visible[start:stop] = tiles.any(axis=(1, 3))
+        return any_visible
 
     def visible_keys_per_query(self, seq_len: int) -> float:
         """Mean number of visible keys per query over a sequence of `seq_len` (for FLOP counts)."""

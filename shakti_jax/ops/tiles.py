@@ -58,7 +58,7 @@ def _ragged_lists(visible_AB: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def tile_plan(mask: MaskSpec, q_len: int, kv_len: int, block_q: int, block_k: int,
               q_offset: int = 0) -> TilePlan:
     """The plan for queries at q_offset + [0, q_len) against keys at [0, kv_len)."""
-    any_visible_QK, _ = mask.block_map(q_len, kv_len, block_q, block_k, q_offset)
+    any_visible_QK = mask.block_map(q_len, kv_len, block_q, block_k, q_offset)
     kv_blocks, kv_count = _ragged_lists(any_visible_QK)
     q_blocks, q_count = _ragged_lists(any_visible_QK.T)
     return TilePlan(block_q, block_k, kv_blocks, kv_count, q_blocks, q_count)

@@ -91,7 +91,8 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
-            enable_async_checkpointing=async_save)
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True)  # a save killed midway leaves a tmp folder; drop it
         self._manager = ocp.CheckpointManager(
             checkpoint_dir(workdir), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
