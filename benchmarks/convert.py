@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.edge_models import machine, model_config, run_measured, tokenizer
+from benchmarks.edge_models import machine, run_measured, tokenizer
 
 DIRECT = {"f32", "f16", "bf16", "q8_0"}  # outtypes convert_hf_to_gguf.py writes itself
 PY = sys.executable

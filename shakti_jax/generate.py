@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from data_pipelines.cli import ArgumentParser, fail, run_main
+from data_pipelines.cli import ArgumentParser, run_main
 from data_pipelines.errors import UserError
 from shakti_jax.config import get_config
 from shakti_jax.model import ModelDef, init_cache

@@ -18,3 +18,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> str:
+    """A 512-piece tokenizer trained on the embedded default corpus (shared by the suite)."""
+    from data_pipelines.default_corpus import write_default_corpus
+    from data_pipelines.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    corpus = write_default_corpus(root / "corpus.txt", max_chars=400_000)
+    return str(train_tokenizer([corpus], 512, root / "tok"))

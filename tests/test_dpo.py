@@ -9,8 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines.default_corpus import write_default_corpus
-from data_pipelines.tokenizer import train_tokenizer
 from experiments.dpo import get_config as dpo_experiment
 from experiments.pretrain import get_config as pretrain_experiment
 from experiments.sft import get_config as sft_experiment
@@ -92,13 +90,6 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards():
     assert float(count) == 2
     assert float(total) / 2 == pytest.approx(math.log(2), abs=1e-6)
     assert float(sums["rewards/chosen"]) == 0.0 and float(sums["rewards/rejected"]) == 0.0
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    corpus = write_default_corpus(root / "corpus.txt", max_chars=300_000)
-    return str(train_tokenizer([corpus], 512, root / "tok"))
 
 
 def _small(config, tokenizer_path, steps, **train):

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 from data_pipelines.cli import run_main
-from data_pipelines.default_corpus import write_default_corpus
-from data_pipelines.tokenizer import train_tokenizer
 from experiments.pretrain import get_config as experiment
 from shakti_jax.config import ConfigError
 from shakti_jax.train.checkpoint import CheckpointError, load_params, read_meta
@@ -21,13 +19,6 @@ from shakti_jax.train.trainer import Trainer, TrainingStopped
 from shakti_jax.train.workdir import WorkdirBusy
 
 from conftest import REPO_ROOT
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    corpus = write_default_corpus(root / "corpus.txt", max_chars=300_000)
-    return str(train_tokenizer([corpus], 512, root / "tok"))
 
 
 def _config(tokenizer_path, **train):

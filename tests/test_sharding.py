@@ -1,7 +1,6 @@
 """Logical-axis rules on 8 fake CPU devices: shardings follow the rules, results do not change."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

@@ -1,7 +1,6 @@
 """The training loop end to end: loss falls, kill-and-resume, damaged checkpoints, NaN stops,
 one-line errors, and two processes with jax.distributed."""
 
-import json
 import math
 import os
 import signal
@@ -14,21 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipelines.default_corpus import write_default_corpus
-from data_pipelines.tokenizer import train_tokenizer
 from experiments.pretrain import get_config as experiment
 from shakti_jax.train.checkpoint import load_params
 from shakti_jax.train.metrics import read_metrics
 from shakti_jax.train.trainer import Trainer, TrainingStopped
 
 from conftest import REPO_ROOT
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    corpus = write_default_corpus(root / "corpus.txt", max_chars=400_000)
-    return str(train_tokenizer([corpus], 512, root / "tok"))
 
 
 def _config(tokenizer_path, **train):

@@ -150,27 +150,26 @@ class Transformer(nnx.Module):
 
     def prefill(self, tokens_BT: jax.Array, lengths_B: jax.Array, caches: Caches):
         """Right-padded prompts -> (logits at each prompt's last token [B, V], filled caches)."""
-
-        def period(blocks, x_BTD, group_caches):
-            new = []
-            for block, cache in zip(blocks, group_caches):
-                x_BTD, cache = block.prefill(x_BTD, lengths_B, cache)
-                new.append(cache)
-            return x_BTD, tuple(new)
-
+        period = _with_caches(lambda block, x, cache: block.prefill(x, lengths_B, cache))
         x_BTD, caches = self._run(period, self._embed(tokens_BT), caches)
         last_BD = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
         return self._logits(last_BD)[:, 0], caches
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, caches: Caches):
         """New tokens at `positions_BT` -> (logits [B, T, V], updated caches)."""
-
-        def period(blocks, x_BTD, group_caches):
-            new = []
-            for block, cache in zip(blocks, group_caches):
-                x_BTD, cache = block.decode(x_BTD, positions_BT, cache)
-                new.append(cache)
-            return x_BTD, tuple(new)
-
+        period = _with_caches(lambda block, x, cache: block.decode(x, positions_BT, cache))
         x_BTD, caches = self._run(period, self._embed(tokens_BT), caches)
         return self._logits(x_BTD), caches
+
+
+def _with_caches(step: Callable) -> Callable:
+    """A period function running `step(block, x, cache) -> (x, cache)` over its slots."""
+
+    def period(blocks, x_BTD, group_caches):
+        new = []
+        for block, cache in zip(blocks, group_caches):
+            x_BTD, cache = step(block, x_BTD, cache)
+            new.append(cache)
+        return x_BTD, tuple(new)
+
+    return period

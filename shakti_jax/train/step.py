@@ -11,6 +11,7 @@ stop (or carry on) by config without ever holding, or saving, a poisoned state.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -109,6 +110,7 @@ class BuiltStep:
     mesh: Mesh
     rules: Mapping
     init: Callable[[dict | None], TrainState]  # params (or None: fresh) -> sharded step-0 state
+    compile_seconds: float  # tracing + lowering + XLA compilation of the train step
 
     def global_batch(self, local: Mapping) -> Batch:
         return batches.global_batch(self.schema, local, self.mesh, self.rules)
@@ -118,7 +120,7 @@ class BuiltStep:
         if analysis is None:
             return "compiled train step (no memory analysis on this backend)"
         gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-        return (f"compiled train step per device: arguments "
+        return (f"compiled train step in {self.compile_seconds:.1f} s; per device: arguments "
                 f"{gib(analysis.argument_size_in_bytes)}, outputs "
                 f"{gib(analysis.output_size_in_bytes)}, temporaries "
                 f"{gib(analysis.temp_size_in_bytes)}, aliased {gib(analysis.alias_size_in_bytes)}")
@@ -144,11 +146,13 @@ def build_step(task, model_def: ModelDef, optimizer: Optimizer, mesh: Mesh,
     replicated = NamedSharding(mesh, PartitionSpec())
     step = make_train_step(task.objective(model_def), optimizer, micro_batches=micro_batches,
                            seed=seed)
+    start = time.perf_counter()
     with activation_sharding(mesh, rules):
         jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
                          out_shardings=(shardings, replicated), donate_argnums=0)
         compiled = jitted.lower(abstract, batches.abstract(schema, task.batch_sizes(batch_size),
                                                            mesh, rules)).compile()
+    compile_seconds = time.perf_counter() - start
     evaluate = jax.jit(make_eval_step(task.eval_objective(model_def)),
                        in_shardings=(shardings.params, shardings.task_state, batch_sh))
 
@@ -157,4 +161,5 @@ def build_step(task, model_def: ModelDef, optimizer: Optimizer, mesh: Mesh,
             return jax.jit(lambda: fresh(None), out_shardings=shardings)()
         return jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(params)
 
-    return BuiltStep(compiled, evaluate, shardings, abstract, schema, mesh, rules, init)
+    return BuiltStep(compiled, evaluate, shardings, abstract, schema, mesh, rules, init,
+                     compile_seconds)
