@@ -21,7 +21,7 @@ import jax
 from benchmarks.train_throughput import measure_training
 from data_pipelines.pipeline import open_sources, train_batches
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
-from shakti_jax.train.trainer import write_corpus_sample
+from shakti_jax.train.workdir import write_corpus_sample
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/pretrain/tinyshakespeare.txt"
 

@@ -258,3 +258,35 @@ def test_profile_steps_write_a_trace(tmp_path, tokenizer_path):
     Trainer(_config(tokenizer_path, steps=3, profile_steps=(1, 2)), tmp_path).run()
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
+
+
+def test_per_layer_checkpoints_from_before_stacking_still_load(tmp_path, tokenizer_path):
+    """Checkpoints written with one `blocks[i]` entry per layer convert on load (generation,
+    export, init_from); resuming such a workdir is refused with how to carry on."""
+    import jax
+
+    from shakti_jax.config import get_config
+    from shakti_jax.model import ModelDef
+    from shakti_jax.model.layout import layer_params
+    from shakti_jax.train.checkpoint import save_params
+
+    cfg = get_config("tiny")
+    params = jax.tree.map(np.asarray, ModelDef.from_config(cfg).init(3))
+    old = {k: v for k, v in params.items() if k != "groups"}
+    old["blocks"] = {i: layer_params(params, cfg, i) for i in range(cfg.num_layers)}
+    workdir = tmp_path / "old"
+    save_params(workdir, cfg, old, step=7, tokenizer_path=tokenizer_path)
+    loaded = load_params(workdir)
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(CheckpointError, match="per-layer params.*train.init_from="):
+        Trainer(_config(tokenizer_path), workdir).run()
+
+
+def test_a_restart_from_scratch_keeps_one_run_of_metrics(tmp_path, tokenizer_path):
+    """Killed before its first checkpoint landed, a rerun starts over: the old rows go, so
+    step 0 is not logged twice (found by benchmarks/faults.py)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 9.0}\n{"step": 1, "loss": 9.5}\n')
+    Trainer(_config(tokenizer_path), tmp_path).run()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 2, 4]
+    assert read_metrics(tmp_path)[0]["eval_loss"] != 9.0

@@ -48,8 +48,9 @@ def _measured_matmul_flops(dtype: str, n: int = 1024, repeats: int = 5) -> float
 class MetricsLogger:
     """One JSON object per logged step in `metrics.jsonl` plus TensorBoard scalars.
 
-    On resume the rows after the restored step are dropped, so the file always reads as one
-    uninterrupted run. Only process 0 writes.
+    On resume the rows after the restored step are dropped, and a run that starts from step 0
+    (no readable checkpoint) drops them all, so the file always reads as one uninterrupted
+    run. Only process 0 writes.
     """
 
     def __init__(self, workdir: str | Path, *, resume_step: int = 0, enabled: bool = True):
@@ -59,7 +60,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_after(self.path, resume_step)
+        _truncate_after(self.path, resume_step if resume_step > 0 else -1)
         from tensorboard.summary import Writer
 
         self._writer = Writer(str(Path(workdir) / "tensorboard"))
