@@ -123,11 +123,10 @@ class Source:
 
 
 def checkpoint_steps(checkpoint: Path) -> list[int]:
-    """The finished steps of a training workdir (its `checkpoints/<step>` folders), oldest first."""
-    from shakti_jax.train.checkpoint import checkpoint_dir
+    """The finished steps of a training workdir, oldest first."""
+    from shakti_jax.train.checkpoint import steps
 
-    folder = checkpoint_dir(checkpoint)
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    return steps(checkpoint)
 
 
 def pick_step(checkpoint: Path, step: int | None) -> int:

@@ -29,3 +29,16 @@ def tokenizer_path(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("tok")
     corpus = write_default_corpus(root / "corpus.txt", max_chars=400_000)
     return str(train_tokenizer([corpus], 512, root / "tok"))
+
+
+def tiny_experiment(tokenizer_path: str, *, seq_len: int, warmup_steps: int, **train):
+    """The tiny pretraining experiment with a given tokenizer, sequence length and warmup,
+    quiet (no progress bar), and `train` settings on top."""
+    from experiments.pretrain import get_config
+
+    c = get_config("tiny")
+    c.data.tokenizer = tokenizer_path
+    c.data.seq_len = seq_len
+    c.optim.warmup_steps = warmup_steps
+    c.train.update({"progress_bar": False, **train})
+    return c

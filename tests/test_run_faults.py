@@ -11,24 +11,19 @@ import numpy as np
 import pytest
 
 from data_pipelines.cli import run_main
-from experiments.pretrain import get_config as experiment
 from shakti_jax.config import ConfigError
 from shakti_jax.train.checkpoint import CheckpointError, load_params, read_meta
 from shakti_jax.train.metrics import read_metrics
 from shakti_jax.train.trainer import Trainer, TrainingStopped
 from shakti_jax.train.workdir import WorkdirBusy
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_experiment
 
 
 def _config(tokenizer_path, **train):
-    c = experiment("tiny")
-    c.data.tokenizer = tokenizer_path
-    c.data.seq_len = 32
-    c.optim.warmup_steps = 1
-    c.train.update({**dict(batch_size=8, steps=4, log_every=2, eval_every=4,
-                            checkpoint_every=2, eval_batches=1, progress_bar=False), **train})
-    return c
+    return tiny_experiment(tokenizer_path, seq_len=32, warmup_steps=1, **{
+        **dict(batch_size=8, steps=4, log_every=2, eval_every=4, checkpoint_every=2,
+               eval_batches=1), **train})
 
 
 @pytest.fixture(scope="module")

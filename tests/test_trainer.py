@@ -13,22 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.pretrain import get_config as experiment
 from shakti_jax.train.checkpoint import load_params
 from shakti_jax.train.metrics import read_metrics
 from shakti_jax.train.trainer import Trainer, TrainingStopped
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_experiment
 
 
 def _config(tokenizer_path, **train):
-    c = experiment("tiny")
-    c.data.tokenizer = tokenizer_path
-    c.data.seq_len = 64
-    c.optim.warmup_steps = 4
-    c.train.update({**dict(batch_size=8, steps=20, log_every=1, eval_every=10,
-                            checkpoint_every=5, eval_batches=2, progress_bar=False), **train})
-    return c
+    return tiny_experiment(tokenizer_path, seq_len=64, warmup_steps=4, **{
+        **dict(batch_size=8, steps=20, log_every=1, eval_every=10, checkpoint_every=5,
+               eval_batches=2), **train})
 
 
 def _overrides(config):

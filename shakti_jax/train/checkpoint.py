@@ -255,6 +255,14 @@ class LoadedParams:
         return ModelDef.from_config(self.config)
 
 
+def steps(workdir: str | Path) -> list[int]:
+    """The finished steps of a workdir, oldest first ([] when it has no checkpoints)."""
+    if not checkpoint_dir(workdir).is_dir():
+        return []
+    with _open_readonly(workdir) as manager:
+        return sorted(manager.all_steps())
+
+
 def newest_meta(workdir: str | Path) -> dict | None:
     """The meta of a workdir's newest step whose meta reads back, or None (no checkpoints)."""
     if not checkpoint_dir(workdir).is_dir():
