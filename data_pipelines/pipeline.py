@@ -28,7 +28,7 @@ from data_pipelines.chat import render, truncate
 from data_pipelines.errors import DataError, UserError
 from data_pipelines.records import Conversation, PreferencePair
 from data_pipelines.sources import Document, SourceSpec, open_source
-from data_pipelines.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from data_pipelines.tokenizer import Tokenizer
 
 BAD_RECORD_POLICIES = ("error", "skip")
 _EPOCHS = 1_000_000  # "forever": the index space covers this many passes over each source
@@ -166,7 +166,8 @@ class DocumentTokenizer:
             self._bad.reject(doc.where, doc.problem)
             return None
         self._bad.accept()
-        return np.asarray([BOS_ID, *self._tokenizer.encode(doc.text), EOS_ID], np.int32)
+        tok = self._tokenizer
+        return np.asarray(tok.encode(doc.text, add_bos=tok.add_bos, add_eos=True), np.int32)
 
 
 def split_indices(n: int, holdout_every: int, part: str) -> np.ndarray:
@@ -244,7 +245,8 @@ def _pack(docs: grain.MapDataset, tokenizer: Tokenizer, batch_size: int, seq_len
     ds = docs.map(DocumentTokenizer(tokenizer, bad))
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=READ_AHEAD)
     if align > 1:
-        return _pack_aligned(ds, read, batch_size, seq_len, align)
+        pad_id = tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
+        return _pack_aligned(ds, read, batch_size, seq_len, align, pad_id)
     ds = ds.map(lambda ids: {"tokens": ids}).to_iter_dataset(read)
     ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
     return ds.batch(batch_size, drop_remainder=True).map(to_model_batch)
@@ -254,20 +256,20 @@ _PAIR_FEATURES = ("inputs", "targets", "real")
 
 
 def _pack_aligned(ids: grain.MapDataset, read: grain.ReadOptions, batch_size: int, seq_len: int,
-                  align: int) -> grain.IterDataset:
+                  align: int, pad_id: int) -> grain.IterDataset:
     """Pack (input, target) pairs of each document, padded to a multiple of `align`, into rows
     of `seq_len`: every element starts at a multiple of `align`, and so does the rest of one
     split at a row end. Padding has segment id 0, position 0 and no loss."""
-    ds = ids.map(functools.partial(_aligned_pairs, align=align)).to_iter_dataset(read)
+    ds = ids.map(functools.partial(_aligned_pairs, align=align, pad_id=pad_id)).to_iter_dataset(read)
     ds = ConcatThenSplitIterDataset(ds, length_struct=dict.fromkeys(_PAIR_FEATURES, seq_len))
     return ds.batch(batch_size, drop_remainder=True).map(_aligned_model_batch)
 
 
-def _aligned_pairs(ids: np.ndarray, align: int) -> dict[str, np.ndarray]:
+def _aligned_pairs(ids: np.ndarray, align: int, pad_id: int) -> dict[str, np.ndarray]:
     pairs = len(ids) - 1
     pad = (0, -pairs % align)
-    return {"inputs": np.pad(ids[:-1], pad, constant_values=PAD_ID),
-            "targets": np.pad(ids[1:], pad, constant_values=PAD_ID),
+    return {"inputs": np.pad(ids[:-1], pad, constant_values=pad_id),
+            "targets": np.pad(ids[1:], pad, constant_values=pad_id),
             "real": np.pad(np.ones(pairs, np.int32), pad)}
 
 

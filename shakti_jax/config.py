@@ -58,6 +58,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     rope_theta: float = 500_000.0
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     # Per-layer attention: this pattern repeats over the layers ("global" = full causal,
     # "window" = sliding window of `window` tokens, "block_sparse" = the `sparse` layout).
     attention_pattern: tuple[str, ...] = ("global",)
@@ -154,8 +155,9 @@ def validate(cfg: ModelConfig) -> None:
         fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
     if cfg.remat not in REMAT_POLICIES:
         fail("remat", f"must be one of {REMAT_POLICIES}")
-    if not isinstance(cfg.scan_layers, bool):
-        fail("scan_layers", "must be true or false")
+    for key in ("scan_layers", "tie_embeddings", "attention_bias"):
+        if not isinstance(getattr(cfg, key), bool):
+            fail(key, "must be true or false")
     if not 0.0 <= cfg.dropout_rate < 1.0:
         fail("dropout_rate", "must be in [0, 1)")
     if cfg.dtype not in DTYPES:

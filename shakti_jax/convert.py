@@ -6,7 +6,8 @@
 
 One conversion (one checkpoint, one quant type) writes `--out` itself (a GGUF file into it when
 it is a folder; an HF folder replaces a previous export there); a batch writes
-`{checkpoint}-{quant}.gguf` (or `{checkpoint}-hf-{quant}/`) inside the `--out` folder. Every
+`{checkpoint}-{size}-{QUANT}.gguf` (gguf's naming convention, e.g. `sft-135M-Q4_0.gguf`), or
+`{checkpoint}-hf-{quant}/`, inside the `--out` folder. Every
 request is checked (checkpoints, steps, tokenizers, quant names, row lengths, attention
 layouts, output paths) before the first weight is loaded; weights with NaN/Inf are refused
 before anything is written, and every output is written atomically (see data_pipelines.atomic).
@@ -24,13 +25,15 @@ import time
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence, TypeVar
 
+from gguf.utility import naming_convention
 from tqdm import tqdm
 
 from data_pipelines.atomic import sigterm_unwinds
 from data_pipelines.cli import ArgumentParser, one_line, run_main
 from shakti_jax.config import ModelConfig
 from shakti_jax.export.canonical import CanonicalModel, ExportError, canonicalize
-from shakti_jax.export.gguf_export import check_quantizable, gguf_tensor_count, quant_type, write_gguf
+from shakti_jax.export.gguf_export import (check_quantizable, gguf_tensor_count, quant_type, size_label,
+                                           write_gguf)
 from shakti_jax.export.hf_export import HF_DTYPES, hf_tensor_count, is_hf_export, write_hf
 
 T = TypeVar("T")
@@ -70,13 +73,27 @@ def plan(checkpoints: Sequence[Path], fmt: str, quants: Sequence[str], out: Path
     single = len(checkpoints) * len(quants) == 1
     jobs = []
     for checkpoint in checkpoints:
+        label = _size_label(checkpoint) if fmt == "gguf" else None
         for quant in quants:
-            name = f"{checkpoint.name}-{quant}.gguf" if fmt == "gguf" else f"{checkpoint.name}-hf-{quant}"
+            name = (naming_convention(None, checkpoint.name, None, None, label, quant) + ".gguf"
+                    if fmt == "gguf" else f"{checkpoint.name}-hf-{quant}")
             inside = not single or (fmt == "gguf" and out.is_dir())
             jobs.append(Job(checkpoint, quant, out / name if inside else out))
     for job in jobs:
         check_target(job.out, fmt)
     return jobs
+
+
+def _size_label(checkpoint: Path) -> str | None:
+    """gguf's size label ("135M") of a checkpoint's model; None when it has no readable meta
+    (`describe` then says what is wrong)."""
+    from shakti_jax.train.checkpoint import newest_meta
+
+    try:
+        meta = newest_meta(checkpoint)
+        return size_label(ModelConfig.from_dict(meta["model"])) if meta else None
+    except Exception:  # noqa: BLE001 - reported by describe, with the step
+        return None
 
 
 def check_target(path: Path, fmt: str) -> None:
@@ -245,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                         help="comma-separated: f32,f16,bf16,q8_0,q5_0,q4_0,q4_k_m,q5_k_m,q6_k for "
                              "gguf (default q4_0); f32,bf16,f16 for hf (default f32)")
     parser.add_argument("--out", required=True, help="file or folder (a folder for batches)")
-    parser.add_argument("--tokenizer", default=None, help="sentencepiece model, if not the checkpoint's")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.model or tokenizer.json, if not the checkpoint's")
     parser.add_argument("--allow_attention_change", action="store_true",
                         help="export block-sparse layers as full causal attention (changes outputs)")
     parser.add_argument("--no_progress", action="store_true")

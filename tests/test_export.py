@@ -20,11 +20,12 @@ from flax import nnx
 
 from data_pipelines.default_corpus import write_default_corpus
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
-from shakti_jax.config import get_config
+from shakti_jax.config import ModelConfig, get_config
 from shakti_jax.export import ExportError, canonicalize, model_params, write_gguf, write_hf
-from shakti_jax.export.gguf_export import QUANT_TYPES
+from shakti_jax.export.gguf_export import QUANT_TYPES, size_label
 from shakti_jax.export.hf_export import to_dtype
 from shakti_jax.model import Transformer
+from shakti_jax.train.checkpoint import newest_meta
 from tests.gguf_reference import GGUFModel
 
 WINDOW = 32
@@ -344,7 +345,8 @@ def test_cli_converts_a_batch_and_prints_the_size_table(checkpoints, tmp_path, c
     sizes = {}
     for row in table[1:]:
         name, quant, _, ratio, _, out = row.split()
-        assert Path(out) == tmp_path / "out" / f"{name}-{quant}.gguf" and Path(out).is_file()
+        size = size_label(ModelConfig.from_dict(newest_meta(checkpoints / name)["model"]))
+        assert Path(out) == tmp_path / "out" / f"{name}-{size}-{quant.upper()}.gguf" and Path(out).is_file()
         sizes[quant] = float(ratio)
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f32"]
     assert run_cli(["--checkpoint", str(checkpoints / "run_a"), "--format", "hf", "--out",

@@ -111,6 +111,22 @@ def test_chat_tokens_are_single_reserved_ids(tok):
     assert 5 not in tok.encode("<|user|", special=True)
 
 
+def test_interface_attributes_save_and_fingerprint(tok, tmp_path):
+    from data_pipelines.spm_tokenizer import SentencePieceTokenizer
+
+    assert isinstance(tok, SentencePieceTokenizer) and isinstance(tok, Tokenizer)
+    assert (tok.kind, tok.add_bos, tok.chat_template, tok.eot_id) == ("spm", True, None, 7)
+    assert tok.stop_ids == (2, 7)
+    assert tok.special_ids == dict(zip(SPECIAL_TOKENS, range(8)))
+    lengths = tok.byte_lengths()
+    assert lengths.shape == (1000,) and not lengths[:8].any()
+    assert lengths[tok.encode("a 日本")].sum() == len(" a 日本".encode())  # with the dummy prefix space
+    path = tok.save(tmp_path / "copy")
+    assert path == tmp_path / "copy" / "tokenizer.model" and path.read_bytes() == tok.model_path.read_bytes()
+    for again in (Tokenizer.load(path), Tokenizer.load(path.parent)):
+        assert again.fingerprint() == tok.fingerprint() and again.encode(BATTERY[1]) == tok.encode(BATTERY[1])
+
+
 SPECIAL_IDS = set(range(8))  # <unk> <s> </s> <pad> and the four chat tokens
 
 

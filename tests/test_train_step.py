@@ -59,11 +59,16 @@ def test_norms_are_not_decayed():
     optim.unlock()
     optim.update(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5)
     tx = make_optimizer(optim, 10).tx
-    params = {"scale": jnp.ones(3), "w": jnp.ones((3, 3))}
+    # The real model's params: stacked norm scales and biases have a leading "layers" axis.
+    params = ModelDef.from_config(get_config("tiny", attention_bias=True)).init(0)
+    params = jax.tree.map(jnp.ones_like, params)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
-    assert np.all(np.asarray(updates["scale"]) == 0.0)
-    np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * 0.5, rtol=1e-6)
+    block = updates["groups"][0]["blocks"][0]
+    for kept in (block["attn_norm"]["scale"], block["attn"]["bq"], updates["final_norm"]["scale"]):
+        assert np.all(np.asarray(kept) == 0.0)
+    for decayed in (block["attn"]["wq"], block["mlp"]["w_up"], updates["embedding"]):
+        np.testing.assert_allclose(np.asarray(decayed), -0.1 * 0.5, rtol=1e-6)
 
 
 def _batch(cfg, rows=8, seq=32, seed=0):

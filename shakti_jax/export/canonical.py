@@ -6,7 +6,8 @@ writer renames them. Layout work happens here and nowhere else:
 - RoPE pairing: the model rotates halves (dim i with i + H/2, as HF Llama does); llama.cpp
   rotates interleaved pairs (2i, 2i+1), so `rope_pairing="interleaved"` permutes the rows of
   Q and K once, per head;
-- vocabulary: the tokenizer's pieces are padded with unused pieces up to the embedding rows.
+- vocabulary: the tokenizer's pieces (sentencepiece, or byte-level BPE with its merges) are
+  padded with unused pieces up to the embedding rows.
 Tensors are produced one at a time (`CanonicalTensor.load`), so a writer holds at most one
 converted tensor next to the model's own weights.
 """
@@ -24,12 +25,16 @@ import sentencepiece as spm
 from flax import nnx
 from gguf import TokenType  # llama.cpp's llama_token_type
 
-from data_pipelines.errors import UserError
-from data_pipelines.tokenizer import CHAT_TOKENS
+from data_pipelines.errors import TokenizerError, UserError
+from data_pipelines.tokenizer import CHAT_TOKENS, Tokenizer
 from shakti_jax.config import ModelConfig
 from shakti_jax.model.layout import layer_tensor
 
 RopePairing = Literal["halves", "interleaved"]
+# `data_pipelines.chat`'s own rendering (sentencepiece models) as a jinja template for runtimes.
+OWN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                     "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 class ExportError(UserError):
@@ -53,10 +58,20 @@ class CanonicalTensor:
 
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
+    """The tokenizer as the exporters write it: GGUF token list, types and scores or merges."""
+    path: Path  # the tokenizer file
+    tokenizer: Tokenizer  # ids of BOS/EOS/end of turn, add_bos, chat template, files
+    model: str  # GGUF tokenizer.ggml.model: "llama" (sentencepiece) or "gpt2" (byte-level BPE)
     pieces: list[str]
-    scores: list[float]
     types: list[TokenType]
-    model_path: Path
+    scores: list[float] | None = None  # sentencepiece
+    merges: list[str] | None = None  # byte-level BPE
+    pre: str | None = None  # llama.cpp's pre-tokenizer name (BPE); None if llama.cpp has none
+
+    @property
+    def chat_template(self) -> str:
+        """The model's own template, or this project's (how `data_pipelines.chat` renders)."""
+        return self.tokenizer.chat_template or OWN_CHAT_TEMPLATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,18 +114,33 @@ def check_exportable(cfg: ModelConfig, allow_attention_change: bool = False) -> 
 
 
 def read_vocabulary(tokenizer_path: str | Path, vocab_size: int) -> Vocabulary:
-    """Pieces, scores and GGUF token types of a sentencepiece model, padded to `vocab_size`."""
-    path = Path(tokenizer_path)
-    sp = spm.SentencePieceProcessor()
+    """The tokenizer at `tokenizer_path` as GGUF vocabulary, padded with unused tokens to
+    `vocab_size` (the embedding rows)."""
     try:
-        sp.Load(str(path))
-    except (RuntimeError, OSError):
-        raise ExportError(f"{path} is not a readable sentencepiece model") from None
-    n = sp.GetPieceSize()
+        tokenizer = Tokenizer.load(tokenizer_path)
+    except TokenizerError as err:
+        raise ExportError(str(err)) from None
+    if tokenizer.kind == "bpe":
+        v = tokenizer.gguf_vocab()
+        vocab = Vocabulary(Path(tokenizer_path), tokenizer, "gpt2", list(v["tokens"]), [TokenType(t) for t in v["token_types"]],
+                           merges=list(v["merges"]), pre=v["pre"])
+    else:
+        vocab = _sentencepiece_vocabulary(Path(tokenizer_path), tokenizer)
+    n = len(vocab.pieces)
     if n > vocab_size:
-        raise ExportError(f"tokenizer {path} has {n} pieces but model.vocab_size={vocab_size}")
+        raise ExportError(f"tokenizer {tokenizer_path} has {n} tokens but model.vocab_size={vocab_size}")
+    vocab.pieces.extend(f"<unused{i}>" for i in range(vocab_size - n))
+    vocab.types.extend([TokenType.UNUSED] * (vocab_size - n))
+    if vocab.scores is not None:
+        vocab.scores.extend([0.0] * (vocab_size - n))
+    return vocab
+
+
+def _sentencepiece_vocabulary(path: Path, tokenizer: Tokenizer) -> Vocabulary:
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(tokenizer.model_path))
     pieces, scores, types = [], [], []
-    for i in range(n):
+    for i in range(sp.GetPieceSize()):
         pieces.append(sp.IdToPiece(i))
         scores.append(float(sp.GetScore(i)))
         if sp.IsUnknown(i):
@@ -123,11 +153,7 @@ def read_vocabulary(tokenizer_path: str | Path, vocab_size: int) -> Vocabulary:
             types.append(TokenType.UNUSED)
         else:
             types.append(TokenType.NORMAL)
-    for i in range(n, vocab_size):
-        pieces.append(f"<unused{i - n}>")
-        scores.append(0.0)
-        types.append(TokenType.UNUSED)
-    return Vocabulary(pieces, scores, types, path)
+    return Vocabulary(path, tokenizer, "llama", pieces, types, scores=scores)
 
 
 def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Path, *,
@@ -140,6 +166,16 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
     NaN or Inf weights.
     """
     export_cfg, warnings = check_exportable(cfg, allow_attention_change)
+    tensors = canonical_tensors(cfg, params, rope_pairing)
+    if params is not None:
+        check_finite(tensors, params)
+    vocab = read_vocabulary(tokenizer_path, cfg.vocab_size)
+    return CanonicalModel(export_cfg, tensors, vocab, rope_pairing), warnings
+
+
+def canonical_tensors(cfg: ModelConfig, params: dict | None, rope_pairing: RopePairing
+                      ) -> list[CanonicalTensor]:
+    """The canonical tensors of `params` in file order (names and shapes only when None)."""
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def matrix(get, out_shape, permute_heads=0):
@@ -150,8 +186,13 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
             return np.ascontiguousarray(w)
         return load
 
-    def vector(get):
-        return lambda: np.asarray(get(), np.float32).copy()
+    def vector(get, permute_heads=0):
+        def load():
+            v = np.asarray(get(), np.float32).reshape(-1)
+            if permute_heads and rope_pairing == "interleaved":
+                v = v.reshape(permute_heads, 2, H // 2).swapaxes(1, 2).reshape(-1)
+            return np.ascontiguousarray(v)
+        return load
 
     tensors = [CanonicalTensor("token_embd.weight", (cfg.vocab_size, D),
                                lambda: np.ascontiguousarray(np.asarray(params["embedding"], np.float32)))]
@@ -165,6 +206,14 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
                             matrix(lambda b=b: b("attn", "wk"), (K * H, D), permute_heads=K)),
             CanonicalTensor(f"blk.{i}.attn_v.weight", (K * H, D),
                             matrix(lambda b=b: b("attn", "wv"), (K * H, D))),
+        ]
+        if cfg.attention_bias:
+            tensors += [
+                CanonicalTensor(f"blk.{i}.attn_q.bias", (N * H,), vector(lambda b=b: b("attn", "bq"), N)),
+                CanonicalTensor(f"blk.{i}.attn_k.bias", (K * H,), vector(lambda b=b: b("attn", "bk"), K)),
+                CanonicalTensor(f"blk.{i}.attn_v.bias", (K * H,), vector(lambda b=b: b("attn", "bv"))),
+            ]
+        tensors += [
             CanonicalTensor(f"blk.{i}.attn_output.weight", (D, N * H),
                             matrix(lambda b=b: b("attn", "wo"), (D, N * H))),
             CanonicalTensor(f"blk.{i}.ffn_norm.weight", (D,), vector(lambda b=b: b("mlp_norm", "scale"))),
@@ -179,10 +228,7 @@ def canonicalize(cfg: ModelConfig, params: dict | None, tokenizer_path: str | Pa
     if not cfg.tie_embeddings:
         tensors.append(CanonicalTensor("output.weight", (cfg.vocab_size, D),
                                        matrix(lambda: params["lm_head"], (cfg.vocab_size, D))))
-    if params is not None:
-        check_finite(tensors, params)
-    vocab = read_vocabulary(tokenizer_path, cfg.vocab_size)
-    return CanonicalModel(export_cfg, tensors, vocab, rope_pairing), warnings
+    return tensors
 
 
 def check_finite(tensors: list[CanonicalTensor], params: dict) -> None:

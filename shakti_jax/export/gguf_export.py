@@ -19,8 +19,8 @@ import gguf
 import numpy as np
 
 from data_pipelines.atomic import atomic_file
-from data_pipelines.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from shakti_jax.export.canonical import CanonicalModel, CanonicalTensor, ExportError
+from shakti_jax.config import ModelConfig
+from shakti_jax.export.canonical import CanonicalModel, CanonicalTensor, ExportError, canonical_tensors
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -66,6 +66,9 @@ def check_quantizable(canon: CanonicalModel, quant: QuantType) -> None:
     K-quant rows that are not multiples of 256 are left to llama.cpp, which falls back to a
     legacy type for those tensors (as llama-quantize does), whose blocks they must still fit.
     """
+    if canon.vocab.model == "gpt2" and canon.vocab.pre is None:
+        raise ExportError(f"tokenizer {canon.vocab.path}: its pre-tokenizer is not one llama.cpp "
+                          f"knows, so llama.cpp would split text differently; export as hf instead")
     if quant.tensor_type is None:
         _llama_cpp()
     for t in canon.tensors:
@@ -120,7 +123,10 @@ def _write(canon: CanonicalModel, path: Path, q: QuantType, on_tensor) -> None:
     windows = canon.window_layers
     arch = "granite_swa" if any(windows) else "llama"
     writer = gguf.GGUFWriter(path, arch)
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(cfg.name)
+    writer.add_size_label(size_label(cfg))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.num_layers)
@@ -158,22 +164,36 @@ def _write(canon: CanonicalModel, path: Path, q: QuantType, on_tensor) -> None:
     writer.close()
 
 
+def size_label(cfg: ModelConfig) -> str:
+    """gguf's size label of the model's weights ("135M"), as llama.cpp's converter writes it."""
+    total = sum(t.numel for t in canonical_tensors(cfg, None, "halves"))
+    return gguf.size_label(total, 0, 0, 0)
+
+
 def _sink(layer: int, num_heads: int) -> CanonicalTensor:
     return CanonicalTensor(f"blk.{layer}.attn_sinks.weight", (num_heads,),
                            lambda: np.full((num_heads,), -1e30, np.float32))
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, canon: CanonicalModel) -> None:
-    vocab = canon.vocab
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab.pieces)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.types)
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
-    writer.add_unk_token_id(UNK_ID)
-    writer.add_pad_token_id(PAD_ID)
-    writer.add_add_bos_token(True)
+    vocab, tok = canon.vocab, canon.vocab.tokenizer
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.model == "gpt2":
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_list(vocab.pieces)
+        writer.add_token_types(vocab.types)
+        writer.add_token_merges(vocab.merges)
+    else:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(vocab.pieces)
+        writer.add_token_scores(vocab.scores)
+        writer.add_token_types(vocab.types)
+        writer.add_add_space_prefix(True)
+    for add, token_id in ((writer.add_bos_token_id, tok.bos_id), (writer.add_eos_token_id, tok.eos_id),
+                          (writer.add_eot_token_id, tok.eot_id), (writer.add_unk_token_id, tok.unk_id),
+                          (writer.add_pad_token_id, tok.pad_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(tok.add_bos)
     writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(True)
+    writer.add_chat_template(vocab.chat_template)

@@ -1,6 +1,9 @@
 """Hugging Face folders (config.json, model.safetensors, tokenizer) from the canonical form.
 
-The tokenizer is written as tokenizer.json (see `tokenizer_json`) next to tokenizer.model.
+A sentencepiece tokenizer is written as tokenizer.json (see `tokenizer_json`) next to
+tokenizer.model; a byte-level BPE tokenizer as its own tokenizer.json and tokenizer_config.json.
+Both carry the chat template, and generation_config.json lists EOS and the end-of-turn token
+as `eos_token_id`, so transformers' `generate` stops at the end of an assistant turn.
 The class follows the attention pattern: Llama without windows, Mistral when every layer has
 the same window, Qwen2 (per-layer `layer_types`, zero q/k/v biases) when only some do. Weights
 are written in safetensors format without torch, streamed tensor by tensor (the format is a
@@ -21,8 +24,9 @@ import numpy as np
 from gguf import TokenType
 
 from data_pipelines.atomic import atomic_dir
-from data_pipelines.tokenizer import BOS, BOS_ID, CHAT_TOKENS, EOS, EOS_ID, PAD, PAD_ID, UNK
-from shakti_jax.export.canonical import CanonicalModel, CanonicalTensor, ExportError, Vocabulary
+from data_pipelines.tokenizer import BOS, BOS_ID, CHAT_TOKENS, EOS, PAD, UNK
+from shakti_jax.export.canonical import (OWN_CHAT_TEMPLATE, CanonicalModel, CanonicalTensor, ExportError,
+                                        Vocabulary)
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -37,10 +41,6 @@ HF_DTYPES = {"f32": ("F32", "float32", np.dtype("<f4")),
              "bf16": ("BF16", "bfloat16", np.dtype(ml_dtypes.bfloat16)),
              "f16": ("F16", "float16", np.dtype("<f2"))}
 
-# Renders conversations exactly as data_pipelines.chat does for training.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
-                 "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def hf_name(name: str) -> str:
@@ -52,6 +52,8 @@ def hf_name(name: str) -> str:
 
 def architecture(canon: CanonicalModel) -> str:
     windows = canon.window_layers
+    if canon.config.attention_bias:
+        return "qwen2"  # Llama's attention_bias would add an o_proj bias too
     if not any(windows):
         return "llama"
     return "mistral" if all(windows) else "qwen2"
@@ -70,17 +72,17 @@ def hf_config(canon: CanonicalModel, dtype: str = "f32") -> dict:
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-        "attention_dropout": 0.0, "dtype": HF_DTYPES[dtype][1],
+        "attention_dropout": 0.0, "dtype": HF_DTYPES[dtype][1], **_special_ids(canon),
     }
     if arch == "llama":
         config.update(attention_bias=False, mlp_bias=False)
     elif arch == "mistral":
         config.update(sliding_window=cfg.window)
     else:
-        config.update(use_sliding_window=True, sliding_window=cfg.window, max_window_layers=0,
-                      layer_types=["sliding_attention" if w else "full_attention"
-                                   for w in canon.window_layers])
+        windows = canon.window_layers
+        config.update(use_sliding_window=any(windows), sliding_window=cfg.window if any(windows) else None,
+                      max_window_layers=0,
+                      layer_types=["sliding_attention" if w else "full_attention" for w in windows])
     return config
 
 
@@ -95,12 +97,26 @@ def write_hf(canon: CanonicalModel, out_dir: str | Path, dtype: str = "f32",
     with atomic_dir(out_dir) as tmp:
         _write_safetensors(tmp / "model.safetensors", list(_hf_tensors(canon)), dtype, on_tensor)
         (tmp / "config.json").write_text(json.dumps(hf_config(canon, dtype), indent=2) + "\n")
-        shutil.copyfile(canon.vocab.model_path, tmp / "tokenizer.model")
-        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json(canon.vocab), ensure_ascii=False))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(canon), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}, indent=2) + "\n")
+        if canon.vocab.model == "gpt2":
+            for name, text in canon.vocab.tokenizer.hf_files().items():
+                (tmp / name).write_text(text)
+        else:
+            shutil.copyfile(canon.vocab.tokenizer.model_path, tmp / "tokenizer.model")
+            (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json(canon.vocab), ensure_ascii=False))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(canon), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(canon), indent=2) + "\n")
     return out_dir
+
+
+def _special_ids(canon: CanonicalModel) -> dict:
+    tok = canon.vocab.tokenizer
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+            "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_id}
+
+
+def generation_config(canon: CanonicalModel) -> dict:
+    """transformers' `generate` stops at any id of the `eos_token_id` list: EOS and end of turn."""
+    return {**_special_ids(canon), "eos_token_id": list(canon.vocab.tokenizer.stop_ids)}
 
 
 def is_hf_export(path: str | Path) -> bool:
@@ -116,7 +132,7 @@ def hf_tensor_count(canon: CanonicalModel) -> int:
 
 
 def _hf_tensors(canon: CanonicalModel) -> Iterator[tuple[str, CanonicalTensor]]:
-    qkv_bias = architecture(canon) == "qwen2"
+    qkv_bias = architecture(canon) == "qwen2" and not canon.config.attention_bias  # zeros
     for t in canon.tensors:
         yield hf_name(t.name), t
         if qkv_bias and t.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v"):
@@ -204,5 +220,5 @@ def _tokenizer_config(canon: CanonicalModel) -> dict:
         "add_eos_token": False, "bos_token": BOS, "eos_token": EOS,
         "unk_token": UNK, "pad_token": PAD, "added_tokens_decoder": added,
         "additional_special_tokens": list(CHAT_TOKENS), "clean_up_tokenization_spaces": False,
-        "model_max_length": canon.config.max_seq_len, "chat_template": CHAT_TEMPLATE,
+        "model_max_length": canon.config.max_seq_len, "chat_template": OWN_CHAT_TEMPLATE,
     }

@@ -26,12 +26,22 @@ class Attention(nnx.Module):
         self.wv = param(rngs, stack, (D, K, H), ("embed", "kv_heads", "head_dim"), std, dt)
         self.wo = param(rngs, stack, (N, H, D), ("heads", "head_dim", "embed"),
                         std / (2 * cfg.num_layers) ** 0.5, dt)
+        if cfg.attention_bias:
+            self.bq = param(rngs, stack, (N, H), ("heads", "head_dim"), 0.0, dt)
+            self.bk = param(rngs, stack, (K, H), ("kv_heads", "head_dim"), 0.0, dt)
+            self.bv = param(rngs, stack, (K, H), ("kv_heads", "head_dim"), 0.0, dt)
+        else:
+            self.bq = self.bk = self.bv = None
 
     def _qkv(self, x_BTD, positions_BT):
         x = x_BTD.astype(self.dtype)
         q_BTNH = jax.numpy.einsum("btd,dnh->btnh", x, self.wq[...].astype(self.dtype))
         k_BTKH = jax.numpy.einsum("btd,dkh->btkh", x, self.wk[...].astype(self.dtype))
         v_BTKH = jax.numpy.einsum("btd,dkh->btkh", x, self.wv[...].astype(self.dtype))
+        if self.bq is not None:
+            q_BTNH = q_BTNH + self.bq[...].astype(self.dtype)
+            k_BTKH = k_BTKH + self.bk[...].astype(self.dtype)
+            v_BTKH = v_BTKH + self.bv[...].astype(self.dtype)
         return (apply_rope(q_BTNH, positions_BT, self.rope_theta),
                 apply_rope(k_BTKH, positions_BT, self.rope_theta), v_BTKH)
 

@@ -352,10 +352,16 @@ def restore_params(workdir: str | Path, abstract_params: dict, step: int | None 
 
 
 def save_params(workdir: str | Path, config: ModelConfig, params: dict, *, step: int = 0,
-                tokenizer_path: str | Path | None = None) -> Path:
-    """Write params as a checkpoint `load_params` reads (e.g. a random init to export)."""
-    meta = {"model": config.to_dict(),
-            "tokenizer": str(Path(tokenizer_path).absolute()) if tokenizer_path else None}
+                tokenizer_path: str | Path | None = None, meta: dict | None = None) -> Path:
+    """Write params as a checkpoint `load_params` reads (a random init to export, an import).
+    A tokenizer inside `workdir` is recorded relative to it (the workdir can move); `meta`
+    adds keys to the checkpoint's description."""
+    tokenizer = None
+    if tokenizer_path:
+        tokenizer = Path(tokenizer_path).absolute()
+        if tokenizer.is_relative_to(Path(workdir).absolute()):
+            tokenizer = tokenizer.relative_to(Path(workdir).absolute())
+    meta = {**(meta or {}), "model": config.to_dict(), "tokenizer": str(tokenizer) if tokenizer else None}
     checkpointer = Checkpointer(workdir, keep=1, async_save=False)
     checkpointer.save(step, {"params": params}, None, meta)
     checkpointer.close()

@@ -35,9 +35,15 @@ def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedul
     return optax.join_schedules([warm, rest], [warmup])
 
 
+NO_DECAY = frozenset({"scale", "bias", "bq", "bk", "bv"})  # norm scales and biases
+
+
 def decay_mask(params):
-    """Weight decay on matrices (ndim >= 2: projections, embeddings), never on norms/biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on projections and embeddings, never on norms or biases. By name, since
+    stacked layers give norm scales a leading "layers" axis."""
+    def decays(path, _):
+        return getattr(path[-1], "key", None) not in NO_DECAY
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,14 +27,14 @@ from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.model import ModelDef
 from shakti_jax.model_stats import summary
 from shakti_jax.sharding import make_mesh
-from shakti_jax.train.checkpoint import (Checkpointer, newest_meta, read_meta, restore_params,
+from shakti_jax.train.checkpoint import (CheckpointError, Checkpointer, newest_meta, read_meta, restore_params,
                                          tokenizer_of)
 from shakti_jax.train.metrics import MetricsLogger, peak_flops_per_device
 from shakti_jax.train.optimizer import make_optimizer
 from shakti_jax.train.state import TrainState
 from shakti_jax.train.step import BuiltStep, build_step
 from shakti_jax.train.tasks import PrepareContext, make_task
-from shakti_jax.train.workdir import TOKENIZER, WorkdirLock, check_config_change, prepare_tokenizer
+from shakti_jax.train.workdir import WorkdirLock, check_config_change, prepare_tokenizer, workdir_tokenizer
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -43,10 +43,14 @@ class TrainingStopped(ConfigError):
     """The run stopped on purpose (non-finite loss); the message says why and what was kept."""
 
 
-def check_config(config: ConfigDict, mesh_devices: int) -> ModelConfig:
-    """Every check that can fail before compiling; raises a one-line ConfigError naming the key."""
+def check_config(config: ConfigDict, mesh_devices: int, init_model: dict | None = None) -> ModelConfig:
+    """Every check that can fail before compiling; raises a one-line ConfigError naming the key.
+
+    `init_model` is the model config of `train.init_from`'s checkpoint: `config.model` then
+    only needs the keys it changes (an imported model's experiment names dtype, dropout, ...).
+    """
     try:
-        cfg = ModelConfig.from_dict(config.model.to_dict())
+        cfg = ModelConfig.from_dict({**(init_model or {}), **config.model.to_dict()})
     except TypeError as err:
         raise ConfigError(f"model: {err}") from None
     train, data = config.train, config.data
@@ -118,10 +122,21 @@ class Trainer:
             self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         except ValueError as err:
             raise ConfigError(f"{err} (config keys mesh.data / mesh.fsdp / mesh.tensor)") from None
-        self.model_config = check_config(config, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.model_config = check_config(config, self.mesh.shape["data"] * self.mesh.shape["fsdp"],
+                                         self._init_model())
         self.optimizer = make_optimizer(config.optim, config.train.steps)
         self.is_main = jax.process_index() == 0
         self.model_def = ModelDef.from_config(self.model_config)
+
+    def _init_model(self) -> dict | None:
+        """The model config of `train.init_from`'s checkpoint, or None without one."""
+        init_from = self.config.train.get("init_from", "")
+        if not init_from:
+            return None
+        try:
+            return read_meta(init_from, self.config.train.get("init_from_step") or None)["model"]
+        except CheckpointError as err:
+            raise ConfigError(f"train.init_from={init_from!r}: {err}") from None
 
     # -- phases ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -200,7 +215,7 @@ class Trainer:
         flops_per_token = summary(self.model_config, seq_len=config.data.seq_len)["flops_per_token"]
         peak, peak_source = peak_flops_per_device(self.model_config.dtype)
         self._log(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
-        meta = {"model": self.model_config.to_dict(), "tokenizer": TOKENIZER,
+        meta = {"model": self.model_config.to_dict(), "tokenizer": workdir_tokenizer(self.workdir).name,
                 "experiment": config.to_dict(), "start_digest": start_digest}
         tokens_per_step = train.batch_size * self.task.rows_per_example * config.data.seq_len
         logger = MetricsLogger(self.workdir, resume_step=start, enabled=self.is_main)

@@ -8,7 +8,8 @@ its own copy of the tokenizer.
   `train.allow_changes` (comma-separated keys, e.g. "train.steps" for a longer schedule); keys that change the saved arrays' shapes
   or the task can never change in a workdir.
 - `prepare_tokenizer`: the configured tokenizer, the init_from checkpoint's, or one trained
-  on the training sources, always copied to `WORKDIR/tokenizer.model` so the workdir stays
+  on the training sources, always copied into the workdir (`WORKDIR/tokenizer.model`, or a
+  byte-level BPE's `WORKDIR/tokenizer.json` + `tokenizer_config.json`) so the workdir stays
   usable from any directory and after the original moves.
 """
 
@@ -22,12 +23,12 @@ from typing import Any, Mapping
 
 from ml_collections import ConfigDict
 
-from data_pipelines.atomic import write_atomic
 from data_pipelines.pipeline import open_sources
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from shakti_jax.config import ConfigError
 
 TOKENIZER = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER, "tokenizer.json")  # sentencepiece, byte-level BPE
 # Settings that change how a run is watched or saved, never what it computes.
 ALWAYS_CHANGEABLE = ("train.progress_bar", "train.log_every", "train.eval_every",
                      "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
@@ -140,21 +141,26 @@ def prepare_tokenizer(config: ConfigDict, workdir: Path, init_from_tokenizer: Pa
     resumed run), `data.tokenizer`, the init_from checkpoint's, else (pretraining) one
     trained on the training sources. Every process does the same (atomic writes), so hosts
     with or without a shared workdir agree."""
-    target = workdir / TOKENIZER
-    source = (target if target.exists() else
-              Path(config.data.tokenizer) if config.data.tokenizer else init_from_tokenizer)
+    own = workdir_tokenizer(workdir)
+    source = own or (Path(config.data.tokenizer) if config.data.tokenizer else init_from_tokenizer)
     if source is None and config.get("stage", "pretrain") != "pretrain":
         raise ConfigError("data.tokenizer is empty and train.init_from names no checkpoint "
                           "with a tokenizer; set one of them")
     if source is None:
         _train_into(config, workdir, vocab_size)
-    elif source != target:
-        write_atomic(target, Tokenizer.load(source).model_path.read_bytes())
+        target = workdir / TOKENIZER
+    else:
+        target = own or Tokenizer.load(source).save(workdir)
     tokenizer = Tokenizer.load(target)
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} pieces ({source or target})")
     return tokenizer
+
+
+def workdir_tokenizer(workdir: Path) -> Path | None:
+    """The workdir's own tokenizer file (`TOKENIZER_FILES`), or None before it has one."""
+    return next((workdir / name for name in TOKENIZER_FILES if (workdir / name).exists()), None)
 
 
 def _train_into(config: ConfigDict, workdir: Path, vocab_size: int) -> None:

@@ -95,7 +95,7 @@ class DPOTask(Task):
         for pair in self.pairs:
             h.update(json.dumps([pair.prompt, pair.chosen, pair.rejected, pair.where],
                                 ensure_ascii=False, default=str).encode())
-        h.update(self.tokenizer.model_path.read_bytes())
+        h.update(self.tokenizer.fingerprint())
         h.update(json.dumps([self.config.data.seq_len, self.config.data.holdout_every,
                              self.config.data.bad_records, start_digest]).encode())
         return h.hexdigest()

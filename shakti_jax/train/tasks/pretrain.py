@@ -65,16 +65,5 @@ class PretrainTask(Task):
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token stands for (byte pieces 1, control and chat tokens 0)."""
-    lengths = np.zeros(tokenizer.vocab_size, np.int64)
-    special = set(tokenizer.chat_token_ids.values()) | {tokenizer.bos_id, tokenizer.eos_id,
-                                                         tokenizer.pad_id, tokenizer.unk_id}
-    for i in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_piece(i)
-        if i in special:
-            continue
-        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            lengths[i] = 1
-        else:
-            lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-    return lengths
+    """UTF-8 bytes each token stands for (special tokens 0): `Tokenizer.byte_lengths`."""
+    return tokenizer.byte_lengths()
