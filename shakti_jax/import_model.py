@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -58,6 +59,8 @@ def import_model(source: str | ImportSource, workdir: str | Path, *, dtype: str 
     count = sum(1 for _ in _names(cfg))
     with tqdm(total=count, unit="tensor", disable=not progress, desc="import") as bar:
         params = build_params(cfg, _finite(src), on_tensor=lambda _: bar.update())
+    # On the host device this aliases the arrays; orbax would copy numpy arrays while saving.
+    params = jax.tree.map(jax.device_put, params)
     with atomic_dir(workdir) as tmp:
         tokenizer_path = src.tokenizer.save(tmp)
         save_params(tmp, cfg, params, step=0, tokenizer_path=tokenizer_path,

@@ -57,6 +57,9 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
+_checksum_jit = jax.jit(_checksum)
+
+
 def _named(tree: Any) -> Any:
     """A dataclass state as {field: value}, so its key paths read like a dict's."""
     if dataclasses.is_dataclass(tree):
@@ -67,7 +70,10 @@ def _named(tree: Any) -> Any:
 def tree_checksums(tree: Any) -> dict[str, int]:
     """{key path: checksum} of every array leaf (dataclass fields as dict keys)."""
     flat = jax.tree_util.tree_flatten_with_path(_named(tree))[0]
-    sums = jax.device_get(jax.jit(lambda xs: [_checksum(x) for x in xs])([x for _, x in flat]))
+    if all(isinstance(x, np.ndarray) for _, x in flat):  # host arrays (an import): one at a time
+        sums = [jax.device_get(_checksum_jit(x)) for _, x in flat]
+    else:
+        sums = jax.device_get(jax.jit(lambda xs: [_checksum(x) for x in xs])([x for _, x in flat]))
     return {jax.tree_util.keystr(path): int(s) for (path, _), s in zip(flat, sums)}
 
 
