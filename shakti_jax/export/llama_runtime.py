@@ -11,15 +11,16 @@ from shakti_jax.export.gguf_export import EDGE_EXTRA_HINT
 from shakti_jax.export.canonical import ExportError
 
 
-def load(path: str | Path, n_ctx: int = 0, n_threads: int | None = None):
+def load(path: str | Path, n_ctx: int = 0, n_threads: int | None = None, **options):
     """A llama_cpp.Llama for `path`: CPU, no flash attention, n_ctx 0 meaning the model's own
-    context, logits kept for every position (llama-cpp-python only exposes them that way)."""
+    context, logits kept for every position (llama-cpp-python only exposes them that way);
+    `options` go to `llama_cpp.Llama` (e.g. type_k=0, type_v=0 for an F32 KV cache)."""
     try:
         import llama_cpp
     except ImportError:
         raise ExportError(f"running GGUF files needs llama.cpp: {EDGE_EXTRA_HINT}") from None
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
-                           logits_all=True, flash_attn=False, verbose=False)
+                           logits_all=True, flash_attn=False, verbose=False, **options)
 
 
 def greedy(llm, prompt: Sequence[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:

@@ -1,0 +1,2 @@
+"""Evaluation: one request interface (token-level log-likelihoods) and backends for JAX
+checkpoints, GGUF files (llama.cpp) and HF folders (transformers)."""
