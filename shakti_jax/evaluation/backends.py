@@ -1,9 +1,10 @@
 """Backends that score `Request`s: JAX (training checkpoints), llama.cpp (GGUF files),
 transformers (HF folders). Each returns one `Score` per request, in request order.
 
-JAX: requests sorted by length, padded to power-of-two buckets and to a fixed batch, so the
-jitted scorer compiles once per bucket; log-softmax in float32 on device, only the
-per-position target log-probs and greedy flags come back.
+JAX: requests sorted by length, padded to power-of-two lengths and row counts (at most
+`batch_size` rows and `tokens_per_batch` tokens), so the jitted scorer compiles for a few
+shapes only; log-softmax in float32 on device, only the per-position target log-probs and
+greedy flags come back.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def _target_logprobs(logits: np.ndarray, targets: Sequence[int]) -> tuple[float,
 class JaxBackend:
     """Scores with a ModelDef and its params (a workdir's checkpoint, or anything in memory)."""
 
-    def __init__(self, model_def, params, *, batch_size: int = 8, max_len: int | None = None):
+    def __init__(self, model_def, params, *, batch_size: int = 8, max_len: int | None = None,
+                 tokens_per_batch: int = 8192):
         self.max_len = min(max_len or model_def.config.max_seq_len, model_def.config.max_seq_len)
-        self.batch_size = batch_size
+        self.batch_size, self.tokens_per_batch = batch_size, tokens_per_batch
         self.params = params
 
         def scorer(params, tokens_BT, targets_BT):
@@ -51,11 +53,15 @@ class JaxBackend:
         fitted = [fit(r, self.max_len) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: -len(fitted[i][0]))
         scores: list[Score | None] = [None] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            T = _bucket(len(fitted[chunk[0]][0]), self.max_len)
-            tokens = np.zeros((self.batch_size, T), np.int32)
-            targets = np.zeros((self.batch_size, T), np.int32)
+        start = 0
+        while start < len(order):
+            T = _bucket(len(fitted[order[start]][0]), self.max_len)
+            rows = max(1, min(self.batch_size, self.tokens_per_batch // T))  # long rows: fewer
+            chunk = order[start:start + rows]
+            start += len(chunk)
+            rows = min(rows, 1 << (len(chunk) - 1).bit_length())  # a small last batch: fewer pad rows
+            tokens = np.zeros((rows, T), np.int32)
+            targets = np.zeros((rows, T), np.int32)
             for row, i in enumerate(chunk):
                 inputs, _ = fitted[i]
                 full = list(requests[i].tokens)[-(len(inputs) + 1):]
