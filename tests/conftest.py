@@ -64,3 +64,11 @@ def smollm(smollm_gguf, tmp_path_factory) -> Path:
     from shakti_jax.import_model import import_model
 
     return import_model(f"gguf:{smollm_gguf}", tmp_path_factory.mktemp("smol") / "workdir", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm_hf_tokenizer(smollm_gguf):
+    """transformers' own tokenizer for SmolLM2's GGUF file (its GGUF conversion), loaded once."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    return transformers.AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)

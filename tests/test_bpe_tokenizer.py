@@ -69,14 +69,6 @@ def llm(smollm_gguf):
     return _llama(smollm_gguf)
 
 
-@pytest.fixture(scope="module")
-def hf(smollm_gguf):
-    """transformers' own tokenizer for the GGUF file (its GGUF conversion)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    return transformers.AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
-
-
 def test_smollm2_metadata(tok):
     assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == \
         ("bpe", 49152, 1, 2, 2, 0)
@@ -103,20 +95,20 @@ def test_battery_matches_llama_cpp(tok, llm):
     assert again.encode(BATTERY[-1]) == tok.encode(BATTERY[-1]) != again.encode(BATTERY[-1], special=True)
 
 
-def test_battery_matches_transformers(tok, hf):
+def test_battery_matches_transformers(tok, smollm_hf_tokenizer):
     for text in BATTERY:
         if _spaced_numeral(text):  # transformers' converter lacks smollm's digit split there
             continue
         for special in (False, True):
             assert tok.encode(text, special=special) == \
-                hf.encode(text, add_special_tokens=False, split_special_tokens=not special), (text, special)
+                smollm_hf_tokenizer.encode(text, add_special_tokens=False, split_special_tokens=not special), (text, special)
 
 
-def test_wikitext_matches_llama_cpp_and_transformers(tok, llm, hf, shared_data):
+def test_wikitext_matches_llama_cpp_and_transformers(tok, llm, smollm_hf_tokenizer, shared_data):
     lines = (shared_data / "pretrain" / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines()[:2000]
     ours = [tok.encode(line) for line in lines]
     assert ours == [llm.tokenize(line.encode(), add_bos=False, special=False) for line in lines]
-    assert ours == hf(lines, add_special_tokens=False)["input_ids"]
+    assert ours == smollm_hf_tokenizer(lines, add_special_tokens=False)["input_ids"]
     assert all(tok.decode(ids) == line for ids, line in zip(ours, lines))
     assert len(lines) == 2000 and sum(map(len, ours)) > 100_000
 

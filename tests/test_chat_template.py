@@ -28,29 +28,22 @@ def tok(smollm_gguf):
     return BPETokenizer.from_gguf(gguf.GGUFReader(smollm_gguf))
 
 
-@pytest.fixture(scope="module")
-def hf(smollm_gguf):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    return transformers.AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
-
-
 def _dicts(messages):
     return [{"role": role, "content": content} for role, content in messages]
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_rendering_matches_transformers_and_llama_cpp(tok, hf, smollm_gguf, messages):
+def test_rendering_matches_transformers_and_llama_cpp(tok, smollm_hf_tokenizer, smollm_gguf, messages):
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(smollm_gguf), vocab_only=True, verbose=False)
     text = render_text(tok, messages)
-    assert text == hf.apply_chat_template(_dicts(messages), tokenize=False)
+    assert text == smollm_hf_tokenizer.apply_chat_template(_dicts(messages), tokenize=False)
     ids = render(tok, messages).ids.tolist()
-    assert ids == hf.apply_chat_template(_dicts(messages), tokenize=True, return_dict=False)
+    assert ids == smollm_hf_tokenizer.apply_chat_template(_dicts(messages), tokenize=True, return_dict=False)
     assert ids == llm.tokenize(text.encode(), add_bos=False, special=True)
     assert tok.decode(ids) == text
     prompt = messages[:-1]
-    expected = hf.apply_chat_template(_dicts(prompt), tokenize=True, add_generation_prompt=True,
+    expected = smollm_hf_tokenizer.apply_chat_template(_dicts(prompt), tokenize=True, add_generation_prompt=True,
                                       return_dict=False)
     assert render_prompt(tok, prompt) == expected
     assert tok.decode(expected).endswith("<|im_start|>assistant\n")

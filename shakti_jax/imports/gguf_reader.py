@@ -137,9 +137,9 @@ def _config(path: Path, arch: str, fields: dict, reader) -> ModelConfig:
                                f"is supported")
     layers = get("block_count")
     tensor_names = {t.name for t in reader.tensors}
-    vocab = get("vocab_size", None, False) or len(fields.get("tokenizer.ggml.tokens") or [])
-    if "token_embd.weight" in tensor_names:
-        vocab = int([t for t in reader.tensors if t.name == "token_embd.weight"][0].shape[1])
+    # the embedding's rows (check_tensors then refuses a file without one)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = int(embedding.shape[1]) if embedding is not None else get("vocab_size", 1, False)
     pattern, window = ("global",), 512
     if arch == "granite_swa":
         flags = list(get("attention.sliding_window_pattern"))
