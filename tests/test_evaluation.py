@@ -105,7 +105,7 @@ def test_eval_cli_scores_a_workdir_and_refuses_bad_requests(smollm, shared_data,
     assert results[f"crows_pairs:{crows}"]["n"] == 120 and 0.3 < results[f"crows_pairs:{crows}"]["pct_stereotype"] < 0.9
     assert results[f"toxigen:{tox}"]["n"] == 120 and {"acc", "acc_norm"} <= set(results[f"toxigen:{tox}"])
     assert "| perplexity:" in capsys.readouterr().out
-    for args, message in ((["--model", str(smollm), "--tasks", "mmlu:x"], "unknown task 'mmlu:x'"),
+    for args, message in ((["--model", str(smollm), "--tasks", "nosuch:x"], "unknown task 'nosuch:x'"),
                           (["--model", str(tmp_path / "nope"), "--tasks", f"perplexity:{text}"], "not a workdir"),
                           (["--model", str(smollm), "--tasks", f"perplexity:{tmp_path / 'no.txt'}"], "does not exist")):
         with pytest.raises(SystemExit) as code:
@@ -144,8 +144,9 @@ def test_encode_pair_is_lm_evals(tokenizer_path):
 
 def test_crows_pairs_and_toxigen_metrics_equal_a_hand_computation(tokenizer_path, tmp_path):
     from data_pipelines.tokenizer import Tokenizer
-    from shakti_jax.evaluation.tasks import (TOXIGEN_PROMPT, crows_pairs, encode_pair, read_crows_pairs,
-                                             read_labelled_texts, toxigen)
+    from shakti_jax.evaluation.task_files import read_crows_pairs, read_labelled_texts
+    from shakti_jax.evaluation.tasks import (TOXIGEN_PROMPT, crows_pairs, encode_pair,
+                                             toxigen)
 
     tok = Tokenizer.load(tokenizer_path)
     csv_path = tmp_path / "crows.csv"
@@ -174,7 +175,7 @@ def test_crows_pairs_and_toxigen_metrics_equal_a_hand_computation(tokenizer_path
 
 def test_task_files_with_bad_records_name_the_line(tmp_path):
     from data_pipelines.errors import DataError
-    from shakti_jax.evaluation.tasks import read_crows_pairs, read_labelled_texts
+    from shakti_jax.evaluation.task_files import read_crows_pairs, read_labelled_texts
 
     bad_csv = tmp_path / "c.csv"
     bad_csv.write_text("sent_more,other\na,b\n")
@@ -182,5 +183,5 @@ def test_task_files_with_bad_records_name_the_line(tmp_path):
         read_crows_pairs(bad_csv)
     bad_jsonl = tmp_path / "t.jsonl"
     bad_jsonl.write_text('{"text": "a", "label": "hate"}\n{"text": "b"}\n')
-    with pytest.raises(DataError, match=r"t.jsonl:2: needs JSON with 'text' and 'label'"):
+    with pytest.raises(DataError, match=r"t.jsonl:2: needs 'text' \(or 'post'\) and 'label'"):
         read_labelled_texts(bad_jsonl)

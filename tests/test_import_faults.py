@@ -33,14 +33,14 @@ def good_gguf(tokenizer_path, tmp_path_factory) -> Path:
 
 def copy_gguf(src: Path, dst: Path, *, kv: dict | None = None, drop: tuple[str, ...] = (),
               tensors: dict | None = None) -> Path:
-    """`src` rewritten: metadata `kv` set ((value, type); the architecture as (name,)), tensors
-    in `drop` left out, and `tensors` replaced or added (array, or (bytes, shape, type))."""
+    """`src` rewritten: metadata `kv` set ((value, type); the architecture as (name,)), keys and
+    tensors in `drop` left out, and `tensors` replaced or added (array, or (bytes, shape, type))."""
     kv, tensors = kv or {}, tensors or {}
     reader = gguf.GGUFReader(src)
     arch = kv.get("general.architecture", (reader.fields["general.architecture"].contents(),))[0]
     writer = gguf.GGUFWriter(dst, arch)
     for name, field in reader.fields.items():
-        if not name.startswith("GGUF.") and name != "general.architecture" and name not in kv:
+        if not name.startswith("GGUF.") and name != "general.architecture" and name not in kv and name not in drop:
             writer.add_key_value(name, field.contents(), field.types[0],
                                  sub_type=field.types[1] if len(field.types) > 1 else None)
     for name, (value, *kind) in kv.items():
@@ -84,6 +84,7 @@ def test_the_unchanged_copy_imports(good_gguf, tmp_path, capsys):
     (dict(kv={"llama.expert_count": (8, T.UINT32)}), "llama.expert_count = 8: this feature is not supported"),
     (dict(kv={"llama.rope.dimension_count": (8, T.UINT32)}), "partial rotary embeddings are not supported"),
     (dict(drop=("blk.1.ffn_up.weight",)), "missing tensor blk.1.ffn_up.weight"),
+    (dict(drop=("tokenizer.ggml.model",)), "the file has no tokenizer"),
     (dict(tensors={"blk.0.attn_norm.weight": np.ones(32, np.float32)}),
      "tensor blk.0.attn_norm.weight has shape [32], expected [64]"),
     (dict(tensors={"rope_freqs.weight": np.ones(8, np.float32)}),  # llama 3's rope scaling
@@ -98,6 +99,18 @@ def test_bad_gguf_files_are_refused_in_one_line(change, message, good_gguf, tmp_
     code, err = run(capsys, "--source", f"gguf:{bad}", "--workdir", tmp_path / "w")
     assert code == 2 and err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_eval_refuses_a_gguf_without_a_tokenizer_in_one_line(good_gguf, tmp_path, capsys, shared_data):
+    from shakti_jax.eval import main as eval_main
+
+    bad = copy_gguf(good_gguf, tmp_path / "bad.gguf", drop=("tokenizer.ggml.model",))
+    crows = shared_data / "eval" / "crows_pairs_anonymized.csv"
+    with pytest.raises(SystemExit) as code:
+        eval_main(["--model", f"gguf:{bad}", "--tasks", f"crows_pairs:{crows}", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and err.count("\n") == 0 and "the file has no tokenizer" in err, err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_a_truncated_gguf_is_refused(good_gguf, tmp_path, capsys):

@@ -1,5 +1,10 @@
-"""Backends that score `Request`s: JAX (training checkpoints), llama.cpp (GGUF files),
-transformers (HF folders). Each returns one `Score` per request, in request order.
+"""Backends that answer `Request`s: JAX (training checkpoints), llama.cpp (GGUF files),
+transformers (HF folders). Each has the same three calls:
+
+- `score(requests)`: one `Score` per request, in request order;
+- `logprobs(requests)`: per request, the float32 [n, V] next-token log-distributions at the
+  continuation's positions (the quantization report's KL divergence), in request order;
+- `generate(prompts, max_new_tokens, stop_ids)`: greedy continuations, cut at a stop id.
 
 JAX: requests sorted by length, padded to power-of-two lengths and row counts (at most
 `batch_size` rows and `tokens_per_batch` tokens), so the jitted scorer compiles for a few
@@ -9,7 +14,7 @@ greedy flags come back.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,18 +23,28 @@ import numpy as np
 from shakti_jax.evaluation.requests import Request, Score, fit
 
 MIN_BUCKET = 32
+Progress = Callable[[int], None] | None
 
 
 def _bucket(n: int, max_len: int) -> int:
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
 
 
-def _target_logprobs(logits: np.ndarray, targets: Sequence[int]) -> tuple[float, bool]:
-    """Sum of log p(targets) and whether each target is the argmax, from [n, V] logits."""
+def _until_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    stops = set(stop_ids)
+    return list(ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))])
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def _score_of(logp: np.ndarray, targets: Sequence[int]) -> Score:
+    """The Score of [n, V] log-probs for `targets`."""
     rows = np.arange(len(targets))
-    return float(logp[rows, targets].sum()), bool(np.all(logits.argmax(-1) == np.asarray(targets)))
+    return Score(float(np.sum(logp[rows, targets], dtype=np.float64)),
+                 bool(np.all(logp.argmax(-1) == np.asarray(targets))))
 
 
 class JaxBackend:
@@ -39,25 +54,32 @@ class JaxBackend:
                  tokens_per_batch: int = 8192):
         self.max_len = min(max_len or model_def.config.max_seq_len, model_def.config.max_seq_len)
         self.batch_size, self.tokens_per_batch = batch_size, tokens_per_batch
-        self.params = params
+        self.model_def, self.params = model_def, params
+        self._generator = None
+
+        def log_probs(params, tokens_BT):
+            return jax.nn.log_softmax(model_def.apply(params, tokens_BT).astype(jnp.float32), axis=-1)
 
         def scorer(params, tokens_BT, targets_BT):
-            logits = model_def.apply(params, tokens_BT).astype(jnp.float32)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            picked = jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
-            return picked, jnp.argmax(logits, axis=-1) == targets_BT
+            logp_BTV = log_probs(params, tokens_BT)
+            picked = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+            return picked, jnp.argmax(logp_BTV, axis=-1) == targets_BT
 
-        self._scorer = jax.jit(scorer)
+        self._scorer, self._log_probs = jax.jit(scorer), jax.jit(log_probs)
 
-    def score(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Score]:
+    def _batches(self, requests: Sequence[Request], ordered: bool) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """([(request index, input length, scored positions)], tokens [rows, T], targets [rows, T])
+        batches; longest first unless `ordered` (request order, for streams that keep it)."""
         fitted = [fit(r, self.max_len) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: -len(fitted[i][0]))
-        scores: list[Score | None] = [None] * len(requests)
+        order = list(range(len(requests)))
+        if not ordered:
+            order.sort(key=lambda i: -len(fitted[i][0]))
         start = 0
         while start < len(order):
-            T = _bucket(len(fitted[order[start]][0]), self.max_len)
+            T = _bucket(max(len(fitted[i][0]) for i in order[start:start + self.batch_size]), self.max_len)
             rows = max(1, min(self.batch_size, self.tokens_per_batch // T))  # long rows: fewer
             chunk = order[start:start + rows]
+            T = _bucket(max(len(fitted[i][0]) for i in chunk), self.max_len)
             start += len(chunk)
             rows = min(rows, 1 << (len(chunk) - 1).bit_length())  # a small last batch: fewer pad rows
             tokens = np.zeros((rows, T), np.int32)
@@ -67,17 +89,66 @@ class JaxBackend:
                 full = list(requests[i].tokens)[-(len(inputs) + 1):]
                 tokens[row, :len(inputs)] = inputs
                 targets[row, :len(inputs)] = full[1:]
+            yield [(i, len(fitted[i][0]), fitted[i][1]) for i in chunk], tokens, targets
+
+    def score(self, requests: Sequence[Request], progress: Progress = None) -> list[Score]:
+        scores: list[Score | None] = [None] * len(requests)
+        for chunk, tokens, targets in self._batches(requests, ordered=False):
             picked, greedy = jax.device_get(self._scorer(self.params, tokens, targets))
-            for row, i in enumerate(chunk):
-                length, n = len(fitted[i][0]), fitted[i][1]
+            for row, (i, length, n) in enumerate(chunk):
                 scores[i] = Score(float(np.sum(picked[row, length - n:length], dtype=np.float64)),
                                   bool(greedy[row, length - n:length].all()))
             if progress:
                 progress(len(chunk))
         return scores
 
+    def logprobs(self, requests: Sequence[Request]) -> Iterator[np.ndarray]:
+        for chunk, tokens, _ in self._batches(requests, ordered=True):
+            logp = jax.device_get(self._log_probs(self.params, tokens))
+            for row, (_, length, n) in enumerate(chunk):
+                yield logp[row, length - n:length]
 
-class LlamaCppBackend:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int]) -> list[list[int]]:
+        """Greedy continuations (compile-once generator, `batch_size` prompts at a time), each
+        cut before its first stop id; prompts are cut from the left to fit."""
+        from shakti_jax.generate import Generator
+
+        self._generator = self._generator or Generator(self.model_def, self.params)
+        keep = self.model_def.config.max_seq_len - max_new_tokens
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = [list(p)[-keep:] for p in prompts[start:start + self.batch_size]]
+            generation = self._generator(chunk, max_new_tokens=max_new_tokens, eos_id=stop_ids[0])
+            out += [_until_stop(ids, stop_ids) for ids in generation.tokens]
+        return out
+
+
+class _OneByOne:
+    """Runtimes scored one request at a time: subclasses give `_logits(inputs, n)`, the raw
+    [n, V] logits of the last `n` input positions."""
+
+    max_len: int
+
+    def _logits(self, inputs: list[int], n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def logprobs(self, requests: Sequence[Request]) -> Iterator[np.ndarray]:
+        for request in requests:
+            inputs, n = fit(request, self.max_len)
+            yield _log_softmax(self._logits(inputs, n)).astype(np.float32)
+
+    def score(self, requests: Sequence[Request], progress: Progress = None) -> list[Score]:
+        scores = []
+        for request in requests:
+            inputs, n = fit(request, self.max_len)
+            scores.append(_score_of(_log_softmax(self._logits(inputs, n)), request.continuation))
+            if progress:
+                progress(1)
+        return scores
+
+
+class LlamaCppBackend(_OneByOne):
     """Scores with llama.cpp running a GGUF file exactly as it runs on a device (CPU)."""
 
     def __init__(self, path, *, max_len: int = 2048, n_threads: int | None = None):
@@ -87,23 +158,33 @@ class LlamaCppBackend:
         # F32 KV cache: the file's own arithmetic, without f16 rounding of keys and values
         self.llm = llama_runtime.load(path, n_ctx=max_len + 1, n_threads=n_threads, type_k=0, type_v=0)
 
-    def score(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Score]:
-        scores = []
-        for request in requests:
-            inputs, n = fit(request, self.max_len)
+    def _logits(self, inputs: list[int], n: int) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(inputs)
+        return np.array(self.llm.scores[len(inputs) - n:len(inputs)])
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int]) -> list[list[int]]:
+        """Greedy continuations as llama.cpp samples them (top_k 1), cut at a stop id."""
+        out = []
+        for prompt in prompts:
             self.llm.reset()
-            self.llm.eval(inputs)
-            logits = np.array(self.llm.scores[len(inputs) - n:len(inputs)])
-            scores.append(Score(*_target_logprobs(logits, request.continuation)))
-            if progress:
-                progress(1)
-        return scores
+            ids: list[int] = []
+            stream = self.llm.generate(list(prompt)[-(self.max_len - max_new_tokens):], top_k=1, temp=0.0)
+            for token in stream:
+                if token in stop_ids or token == self.llm.token_eos():
+                    break
+                ids.append(token)
+                if len(ids) == max_new_tokens:
+                    break
+            out.append(ids)
+        return out
 
     def close(self) -> None:
         self.llm.close()
 
 
-class TransformersBackend:
+class TransformersBackend(_OneByOne):
     """Scores with transformers (CPU torch, float32) running an HF folder."""
 
     def __init__(self, folder, *, max_len: int = 2048):
@@ -114,13 +195,18 @@ class TransformersBackend:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         self.max_len = max_len
 
-    def score(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Score]:
-        scores = []
-        for request in requests:
-            inputs, n = fit(request, self.max_len)
+    def _logits(self, inputs: list[int], n: int) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.model(self.torch.tensor([inputs])).logits[0, len(inputs) - n:].double().numpy()
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int]) -> list[list[int]]:
+        """Greedy continuations (`generate(do_sample=False)`), cut at a stop id."""
+        out = []
+        for prompt in prompts:
+            inputs = self.torch.tensor([list(prompt)[-(self.max_len - max_new_tokens):]])
             with self.torch.no_grad():
-                logits = self.model(self.torch.tensor([inputs])).logits[0, len(inputs) - n:].double().numpy()
-            scores.append(Score(*_target_logprobs(logits, request.continuation)))
-            if progress:
-                progress(1)
-        return scores
+                ids = self.model.generate(inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                          eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
+            out.append(_until_stop(ids[0, inputs.shape[1]:].tolist(), stop_ids))
+        return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
+from data_pipelines.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -39,7 +41,7 @@ def fit(request: Request, max_len: int) -> tuple[list[int], int]:
     tokens = list(request.tokens)[-(max_len + 1):]
     n = len(request.continuation)
     if n > max_len:
-        raise ValueError(f"a continuation of {n} tokens does not fit a context of {max_len}")
+        raise UserError(f"a scored continuation of {n} tokens does not fit max_len={max_len} (raise --max_len)")
     return tokens[:-1], n
 
 

@@ -165,6 +165,9 @@ def _config(path: Path, arch: str, fields: dict, reader) -> ModelConfig:
 
 def _tokenizer(path: Path, fields: dict):
     model = fields.get("tokenizer.ggml.model")
+    if model is None:
+        raise ModelImportError(f"{path}: the file has no tokenizer (no tokenizer.ggml.model); its requests "
+                               f"and vocabulary cannot be built without one")
     if model == "gpt2":
         return BPETokenizer.from_gguf(path)
     if model == "llama":
