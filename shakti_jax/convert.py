@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from data_pipelines.atomic import sigterm_unwinds
 from data_pipelines.cli import ArgumentParser, one_line, run_main
+from data_pipelines.errors import UserError
 from shakti_jax.config import ModelConfig
 from shakti_jax.export.canonical import CanonicalModel, ExportError, canonicalize
 from shakti_jax.export.gguf_export import (check_quantizable, gguf_tensor_count, quant_type, size_label,
@@ -266,15 +267,30 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                         help="tokenizer.model or tokenizer.json, if not the checkpoint's")
     parser.add_argument("--allow_attention_change", action="store_true",
                         help="export block-sparse layers as full causal attention (changes outputs)")
+    parser.add_argument("--report", default=None, metavar="TEXT_FILE",
+                        help="gguf: score every export against its checkpoint in llama.cpp on this text "
+                             "(perplexity ratio, KL divergence, top-1 agreement) and plot quality vs size")
+    parser.add_argument("--report_chars", type=int, default=20_000, help="--report: the text's first N characters")
+    parser.add_argument("--report_max_len", type=int, default=512, help="--report: tokens per scoring window")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
     def body() -> None:
+        if args.report is not None:
+            if args.format != "gguf":
+                raise UserError("--report: only for --format gguf (the files llama.cpp runs)")
+            if not Path(args.report).is_file():
+                raise UserError(f"--report {args.report}: no such text file")
         jobs = plan(expand_checkpoints(args.checkpoint), args.format,
                     parse_quants(args.quant, args.format), Path(args.out))
         results = convert(jobs, args.format, args.tokenizer, args.allow_attention_change,
                           progress=not args.no_progress, step=args.step)
         print(table(results))
+        if args.report is not None:
+            from shakti_jax.evaluation.quant_report import export_report
+
+            text = Path(args.report).read_text(encoding="utf-8")[:args.report_chars]
+            print(export_report(results, text, Path(args.out), max_len=args.report_max_len, step=args.step))
 
     with sigterm_unwinds():
         run_main(body)

@@ -300,3 +300,22 @@ def test_bad_records_fail_before_the_model_loads_and_an_interrupted_run_is_marke
     assert code.value.code == 130
     doc = json.loads(out.read_text())
     assert doc["complete"] is False and list(doc["tasks"]) == [f"crows_pairs:{crows}"]
+
+
+def test_convert_report_scores_every_export_against_its_checkpoint(tiny_workdir, shared_data, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from shakti_jax.convert import main
+
+    text = shared_data / "pretrain" / "wikitext2_valid.txt"
+    with pytest.raises(SystemExit) as code:
+        main(["--checkpoint", str(tiny_workdir), "--format", "gguf", "--quant", "f32,q8_0,q4_0", "--out",
+              str(tmp_path), "--report", str(text), "--report_chars", "3000", "--report_max_len", "128",
+              "--no_progress"])
+    assert code.value.code == 0, capsys.readouterr().err
+    rows = {r["quant"]: r for r in json.loads((tmp_path / "quant_report.json").read_text())}
+    assert rows["f32"]["kl_mean"] < 1e-6 and rows["f32"]["top1_agreement"] > 0.99  # the same model
+    assert rows["f32"]["kl_mean"] < rows["q8_0"]["kl_mean"] < rows["q4_0"]["kl_mean"]
+    assert rows["q4_0"]["bytes"] < rows["q8_0"]["bytes"] < rows["f32"]["bytes"]
+    assert len({r["tokens"] for r in rows.values()}) == 1  # the same windows for every file
+    assert (tmp_path / "quality_vs_size.png").stat().st_size > 1000
+    assert "| run | q4_0 |" in capsys.readouterr().out

@@ -76,3 +76,40 @@ def plot_quality_vs_size(rows: Sequence[dict], path: Path, title: str = "") -> P
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def export_report(results, text: str, out: Path, *, max_len: int = 512, step: int | None = None) -> str:
+    """For `convert`'s GGUF results: each file in llama.cpp against its checkpoint in JAX on
+    `text`; writes `quant_report.json` and `quality_vs_size.png` beside the exports and
+    returns the table."""
+    import json
+
+    from data_pipelines.atomic import write_atomic
+    from data_pipelines.tokenizer import Tokenizer
+    from shakti_jax.evaluation.backends import JaxBackend, LlamaCppBackend
+    from shakti_jax.evaluation.perplexity import perplexity_requests
+    from shakti_jax.train.checkpoint import load_params
+
+    folder = out if out.is_dir() else out.parent
+    rows = []
+    for checkpoint in dict.fromkeys(r.job.checkpoint for r in results):
+        loaded = load_params(checkpoint, step)
+        reference = JaxBackend(loaded.model_def, loaded.params, max_len=max_len)
+        requests = perplexity_requests(Tokenizer.load(loaded.tokenizer_path), [text], reference.max_len)
+        for result in (r for r in results if r.job.checkpoint == checkpoint):
+            model = LlamaCppBackend(result.job.out, max_len=reference.max_len)
+            rows.append({"checkpoint": checkpoint.name, "quant": result.job.quant, "bytes": result.bytes,
+                         "file": str(result.job.out), **compare(model, reference, requests)})
+            model.close()
+        del loaded, reference
+    write_atomic(folder / "quant_report.json", (json.dumps(rows, indent=2) + "\n").encode())
+    for checkpoint in dict.fromkeys(r["checkpoint"] for r in rows):
+        mine = sorted((r for r in rows if r["checkpoint"] == checkpoint), key=lambda r: r["bytes"])
+        name = "quality_vs_size.png" if len(rows) == len(mine) else f"{checkpoint}-quality_vs_size.png"
+        plot_quality_vs_size(mine, folder / name, title=f"{checkpoint}: llama.cpp vs the JAX checkpoint")
+    lines = ["| checkpoint | quant | MB | perplexity | vs JAX | mean KL | KL p99.9 | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['checkpoint']} | {r['quant']} | {r['bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | "
+              f"{r['perplexity_ratio']:.4f} | {r['kl_mean']:.5f} | {r['kl_p99_9']:.4f} | {r['top1_agreement']:.4f} |"
+              for r in rows]
+    return "\n".join(lines)

@@ -33,10 +33,11 @@ TASK_HELP = {
 class Task:
     kind: str
     path: Path
+    limit: int | None = None  # this task's own limit (`kind@N:PATH`), else the run's
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.path}"
+        return f"{self.kind}{'' if self.limit is None else f'@{self.limit}'}:{self.path}"
 
     def data_files(self) -> list[Path]:
         if self.kind == "mc":
@@ -51,15 +52,19 @@ class Task:
 
 
 def parse_tasks(text: str, flag: str = "--tasks") -> list[Task]:
-    """`kind:PATH,kind:PATH,...`; unknown kinds, missing files and bad specs fail here."""
+    """`kind:PATH,kind@N:PATH,...` (`@N`: that task's first N items or characters); unknown
+    kinds, missing files and bad specs fail here."""
     parsed = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        kind, _, path = item.partition(":")
+        head, _, path = item.partition(":")
+        kind, _, limit = head.partition("@")
         if kind not in TASK_HELP or not path:
             raise UserError(f"{flag}: unknown task {item!r} (known: {', '.join(k + ':PATH' for k in TASK_HELP)})")
+        if limit and not (limit.isdigit() and int(limit) > 0):
+            raise UserError(f"{flag} {item}: the limit after '@' must be a positive integer")
         if not Path(path).exists():
             raise UserError(f"{flag} {item}: {path} does not exist")
-        task = Task(kind, Path(path))
+        task = Task(kind, Path(path), int(limit) if limit else None)
         if kind == "mc":
             task_files.MCSpec(task.path)  # a bad spec fails before any model loads
         parsed.append(task)
@@ -103,9 +108,9 @@ Runner = Callable[..., dict]  # (backend, tokenizer, max_len) -> metrics
 
 def prepare(task: Task, limit: int | None = None) -> Runner:
     """Read and check the task's data now (a bad record fails here, before any model loads);
-    the returned function scores it on a backend. `limit`: perplexity's first N characters,
-    otherwise the first N items of each file."""
-    kind, path = task.kind, task.path
+    the returned function scores it on a backend. `limit` (unless the task has its own):
+    perplexity's first N characters, otherwise the first N items of each file."""
+    kind, path, limit = task.kind, task.path, task.limit if task.limit is not None else limit
     if kind == "perplexity":
         texts = [path.read_text(encoding="utf-8")[:limit]]
         return lambda backend, tokenizer, max_len: perplexity(backend, tokenizer, texts, max_len)
