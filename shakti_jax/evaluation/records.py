@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from data_pipelines.errors import DataError
+from data_pipelines.records import read_records as read_json_records
+from data_pipelines.sources import SourceSpec
 
 
 class Record(dict):
@@ -38,45 +39,26 @@ def _iter_records(path: Path, limit: int | None) -> Iterator[Record]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    count = 0
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            for row in reader:
+            for count, row in enumerate(reader):
                 if limit is not None and count >= limit:
                     return
-                count += 1
                 yield _record(f"{path}:{reader.line_num}", row)
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise DataError(f"{path}: not JSON ({err})") from None
-        items = data.items() if isinstance(data, dict) else enumerate(data)
-        for key, value in items:
-            if limit is not None and count >= limit:
-                return
-            if not isinstance(value, dict):
-                raise DataError(f"{path}:{key}: a record must be a JSON object")
-            count += 1
-            yield _record(f"{path}:{key}", {"id": key, **value} if isinstance(data, dict) else value)
-    elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if limit is not None and count >= limit:
-                    return
-                try:
-                    value = json.loads(line)
-                except ValueError as err:
-                    raise DataError(f"{path}:{number}: not JSON ({err})") from None
-                if not isinstance(value, dict):
-                    raise DataError(f"{path}:{number}: a record must be a JSON object")
-                count += 1
-                yield _record(f"{path}:{number}", value)
-    else:
+        return
+    if suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unknown format {suffix!r} (.jsonl, .json or .csv)")
+    keyed = suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("{")
+    spec = SourceSpec(suffix[1:], str(path), {})
+    for count, (where, value) in enumerate(read_json_records(spec)):  # the SFT/DPO readers' parser
+        if limit is not None and count >= limit:
+            return
+        if isinstance(value, Exception):
+            raise DataError(f"{where}: not JSON ({value})")
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: a record must be a JSON object")
+        yield _record(where, {"id": where.rpartition(":")[2], **value} if keyed else value)
 
 
 def files_of(path: Path, suffixes: Sequence[str] = (".jsonl", ".json", ".csv")) -> list[Path]:
