@@ -51,6 +51,7 @@ def get_config(size: str = "tiny") -> ConfigDict:
     c.train.log_every = 10 if tiny else 50
     c.train.eval_every = 100 if tiny else 1000
     c.train.eval_batches = 8 if tiny else 50
+    c.train.eval_tasks = ""  # e.g. "toxigen@200:FILE,perplexity@20000:FILE" (eval's --tasks), scored at each eval
     c.train.checkpoint_every = 100 if tiny else 1000
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True

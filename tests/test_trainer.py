@@ -41,7 +41,10 @@ def _cli(workdir, *args, env=None):
 def test_tiny_loss_falls_on_tinyshakespeare(shared_data, tmp_path, tokenizer_path):
     config = _config(tokenizer_path, steps=60, eval_every=30, checkpoint_every=60)
     config.data.sources = (f"text:{shared_data / 'pretrain' / 'tinyshakespeare.txt'}",)
-    last = Trainer(config, tmp_path).run()
+    config.train.eval_tasks = (f"perplexity@3000:{shared_data / 'pretrain' / 'tinyshakespeare.txt'},"
+                               f"toxigen@24:{shared_data / 'eval' / 'toxigen_sentences.jsonl'}")
+    last = Trainer(config, tmp_path / "run").run()
+    tmp_path = tmp_path / "run"
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(0, 61))  # step 0: held-out eval only
     first = np.mean([r["loss"] for r in rows[1:6]])
@@ -53,6 +56,21 @@ def test_tiny_loss_falls_on_tinyshakespeare(shared_data, tmp_path, tokenizer_pat
     assert list((tmp_path / "tensorboard").iterdir())
     loaded = load_params(tmp_path)
     assert loaded.step == 60 and loaded.config.name == "tiny"
+
+    # train.eval_tasks: scored at steps 0, 30, 60; the last equals the eval harness run on
+    # the saved checkpoint (the same requests through `python -m shakti_jax.eval`'s path).
+    ppl = [r["perplexity:tinyshakespeare/token_perplexity"] for r in rows if "eval_loss" in r]
+    assert len(ppl) == 3 and ppl[2] < ppl[1] < ppl[0], ppl
+    from shakti_jax.evaluation.models import open_model
+    from shakti_jax.evaluation.suite import parse_tasks, run_tasks
+    model = open_model(str(tmp_path), max_len=loaded.config.max_seq_len)
+    offline = run_tasks(parse_tasks(config.train.eval_tasks), model.backend, model.tokenizer,
+                        max_len=loaded.config.max_seq_len)
+    by_kind = {name.split("@")[0]: metrics for name, metrics in offline.items()}
+    np.testing.assert_allclose(last["perplexity:tinyshakespeare/token_perplexity"],
+                               by_kind["perplexity"]["token_perplexity"], rtol=1e-5)
+    assert last["toxigen:toxigen_sentences/acc"] == by_kind["toxigen"]["acc"]
+    assert last["toxigen:toxigen_sentences/n"] == 24
 
 
 def test_killed_run_resumes_with_identical_losses(tmp_path, tokenizer_path):
@@ -78,7 +96,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, tokenizer_path):
     assert "resuming from checkpoint step" in resumed.stderr
     want, got = read_metrics(straight), read_metrics(killed)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(0, 25))
-    for key in ("loss", "grad_norm", "eval_loss"):
+    for key in ("loss", "grad_norm", "eval_loss", f"toxigen:{texts.stem}/acc_norm"):
         np.testing.assert_array_equal([r.get(key) for r in got], [r.get(key) for r in want])
 
 
@@ -121,6 +139,8 @@ def test_nonfinite_loss_stops_without_saving(tmp_path, tokenizer_path):
     (["--config.model.num_kv_heads=3"], "model.num_heads=4: must be divisible by num_kv_heads=3"),
     (["--config.train.nope=1"], "unknown config key"),
     (["--config.mesh.data=3"], "mesh data=3 x fsdp=1 x tensor=1 != 8 devices"),
+    (["--config.train.eval_tasks=bleu:/x"], "train.eval_tasks: unknown task 'bleu:/x'"),
+    (["--config.train.eval_tasks=toxigen:/no/such.jsonl"], "train.eval_tasks toxigen:/no/such.jsonl: /no/such.jsonl does not exist"),
 ])
 def test_bad_configs_fail_in_one_line_before_compiling(tmp_path, tokenizer_path, override, message):
     result = subprocess.run(_cli(tmp_path, f"--config.data.tokenizer={tokenizer_path}", *override),
@@ -182,10 +202,14 @@ def test_two_processes_train_resume_and_count_bytes_globally(tmp_path, tokenizer
       held-out bytes per target token must be the global ratio, not host 0's times two.
     """
     config = _config(tokenizer_path, steps=8, checkpoint_every=4, eval_every=4)
-    args = [*_overrides(config), "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+    texts = tmp_path.parent / f"{tmp_path.name}-texts.jsonl"  # train.eval_tasks on every host
+    texts.write_text("".join(f'{{"text": "sentence number {i}", "label": {i % 2}}}\n' for i in range(6)))
+    args = [*_overrides(config), "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            f"--config.train.eval_tasks=toxigen:{texts}"]
     _two_processes(tmp_path, args)
     straight = read_metrics(tmp_path)
     assert [r["step"] for r in straight] == list(range(0, 9))
+    assert [r["toxigen:" + texts.stem + "/n"] for r in straight if "eval_loss" in r] == [6, 6, 6]
     assert straight[-1]["loss"] < straight[1]["loss"] and np.isfinite(straight[-1]["eval_loss"])
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "8" / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
@@ -202,6 +226,6 @@ def test_two_processes_train_resume_and_count_bytes_globally(tmp_path, tokenizer
     assert "resuming from checkpoint step 4" in errs[0]
     resumed = read_metrics(tmp_path)
     assert [r["step"] for r in resumed] == list(range(0, 9))
-    for key in ("loss", "grad_norm", "eval_loss"):
+    for key in ("loss", "grad_norm", "eval_loss", f"toxigen:{texts.stem}/acc_norm"):
         np.testing.assert_array_equal([r.get(key) for r in resumed], [r.get(key) for r in straight])
     assert load_params(tmp_path).step == 8

@@ -24,6 +24,8 @@ from tqdm import tqdm
 from data_pipelines.atomic import write_atomic
 from data_pipelines.pipeline import SkippedRecords, first_batches
 from shakti_jax.config import ConfigError, ModelConfig
+from shakti_jax.evaluation.backends import JaxBackend
+from shakti_jax.evaluation.suite import Runner, parse_tasks, prepare
 from shakti_jax.model import ModelDef
 from shakti_jax.model_stats import summary
 from shakti_jax.sharding import make_mesh
@@ -113,6 +115,31 @@ class DataState:
             start()
 
 
+def task_runners(config: ConfigDict) -> dict[str, Runner]:
+    """`train.eval_tasks` (the `--tasks` syntax of `python -m shakti_jax.eval`) as metric
+    prefixes -> runners; every task's data is read and checked here, before any compile."""
+    text = config.train.get("eval_tasks", "")
+    if not text:
+        return {}
+    runners = {}
+    for task in parse_tasks(text, flag="train.eval_tasks"):
+        name = f"{task.kind}:{task.path.stem}"
+        if name in runners:
+            raise ConfigError(f"train.eval_tasks: two {task.kind} tasks on files named {task.path.stem!r}")
+        runners[name] = prepare(task)
+    return runners
+
+
+def task_metrics(runners: dict[str, Runner], backend: JaxBackend, tokenizer) -> dict[str, float]:
+    """Each task's scalar metrics as `kind:file/metric` (nested tables stay in eval's JSON)."""
+    row = {}
+    for name, run in runners.items():
+        for key, value in run(backend, tokenizer, backend.max_len).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[f"{name}/{key}"] = float(value)
+    return row
+
+
 class Trainer:
     """Builds everything from an experiment config; `run()` trains to `train.steps`."""
 
@@ -127,6 +154,7 @@ class Trainer:
         self.optimizer = make_optimizer(config.optim, config.train.steps)
         self.is_main = jax.process_index() == 0
         self.model_def = ModelDef.from_config(self.model_config)
+        self.eval_tasks = task_runners(config)
 
     def _init_model(self) -> dict | None:
         """The model config of `train.init_from`'s checkpoint, or None without one."""
@@ -185,9 +213,9 @@ class Trainer:
         if init_from:
             meta = read_meta(init_from, self.config.train.get("init_from_step") or None)
             init_tokenizer = tokenizer_of(init_from, meta)
-        tokenizer = prepare_tokenizer(self.config, self.workdir, init_tokenizer,
-                                      self.model_config.vocab_size)
-        return make_task(self.config, tokenizer, self.skipped, self.model_config)
+        self.tokenizer = prepare_tokenizer(self.config, self.workdir, init_tokenizer,
+                                           self.model_config.vocab_size)
+        return make_task(self.config, self.tokenizer, self.skipped, self.model_config)
 
     def _restore_or_init(self, checkpointer: Checkpointer, step: BuiltStep, data: DataState
                          ) -> tuple[TrainState, str]:
@@ -221,17 +249,18 @@ class Trainer:
         logger = MetricsLogger(self.workdir, resume_step=start, enabled=self.is_main)
         per_host = train.batch_size // jax.process_count()
         held_out = self.task.eval_dataset(per_host, jax.process_index(), jax.process_count())
-        has_eval = held_out is not None
-        if not has_eval:
+        scorer = JaxBackend(self.model_def, state.params, batch_size=16)
+        has_eval = held_out is not None or bool(self.eval_tasks)
+        if held_out is None:
             self._log("no held-out data (data.holdout_every=0 and no data.eval_sources): "
-                      "eval metrics are off")
+                      "held-out loss is off" + ("" if self.eval_tasks else ", and so are eval metrics (no train.eval_tasks)"))
         profile = tuple(train.get("profile_steps", ()))
         bar = tqdm(total=train.steps, initial=start, disable=not (self.is_main and train.progress_bar),
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         last: dict[str, Any] = {}
         try:
             if start == 0 and has_eval:  # the starting point of every curve, before step 1
-                first = self.evaluate(state, step, held_out)
+                first = self.evaluate(state, step, held_out, scorer)
                 if first:
                     logger.write(0, first)
             tick, tick_step = time.perf_counter(), start
@@ -263,7 +292,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                     tick, tick_step = time.perf_counter(), done
                 if eval_now:
-                    row.update(self.evaluate(state, step, held_out))
+                    row.update(self.evaluate(state, step, held_out, scorer))
                 if row:
                     logger.write(done, row)
                     last = row
@@ -278,18 +307,21 @@ class Trainer:
         return last
 
     # -- helpers --------------------------------------------------------------------------
-    def evaluate(self, state: TrainState, step: BuiltStep, dataset) -> dict[str, float]:
+    def evaluate(self, state: TrainState, step: BuiltStep, dataset, scorer: JaxBackend) -> dict[str, float]:
         """The task's held-out metrics over up to `train.eval_batches` batches of `dataset`
-        (sums over every process's batches, on device)."""
+        (sums over every process's batches, on device), then `train.eval_tasks` scored on
+        the current params (the same requests and metrics as `python -m shakti_jax.eval`)."""
+        scorer.params = state.params
+        row = task_metrics(self.eval_tasks, scorer, self.tokenizer)
         totals: dict[str, float] = {}
         count = 0.0
-        for local in first_batches(dataset, self.config.train.eval_batches):
+        for local in first_batches(dataset, self.config.train.eval_batches) if dataset is not None else ():
             sums, n = jax.device_get(step.evaluate(state.params, state.task_state,
                                                    step.global_batch(local)))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             count += float(n)
-        return self.task.eval_summary(totals, count) if count else {}
+        return {**(self.task.eval_summary(totals, count) if count else {}), **row}
 
     def _check_finite(self, state: TrainState, checkpointer: Checkpointer) -> None:
         bad, first = (int(x) for x in jax.device_get((state.nonfinite, state.first_nonfinite)))

@@ -31,7 +31,7 @@ TOKENIZER = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER, "tokenizer.json")  # sentencepiece, byte-level BPE
 # Settings that change how a run is watched or saved, never what it computes.
 ALWAYS_CHANGEABLE = ("train.progress_bar", "train.log_every", "train.eval_every",
-                     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.eval_batches", "train.eval_tasks", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.async_checkpoints", "train.allow_changes", "train.profile_steps",
                      "train.init_from", "train.init_from_step", "train.resume_step",
                      "data.num_threads")
