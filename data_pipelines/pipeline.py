@@ -346,11 +346,13 @@ def sft_batches(sources: Sequence[tuple[str, Sequence[Conversation]]], tokenizer
                 batch_size: int, seq_len: int, seed: int | None, holdout_every: int = 0,
                 part: str = "train", bad_records: str = "error",
                 skipped: SkippedRecords | None = None, process_index: int = 0,
-                process_count: int = 1, num_threads: int = 2) -> grain.IterDataset:
+                process_count: int = 1, num_threads: int = 2,
+                weights: Sequence[float] | None = None) -> grain.IterDataset:
     """Packed SFT batches: whole conversations (never split) packed first-fit into rows, with
-    the loss on assistant tokens only. `seed=None` reads the `part` once in file order."""
-    ds, patience = _records_dataset(sources, holdout_every, part, seed, process_index,
-                                    process_count)
+    the loss on assistant tokens only. Several sources are sampled by `weights` (default
+    equal); `seed=None` reads the `part` once in file order."""
+    ds, patience = records_dataset(sources, holdout_every, part, seed, process_index,
+                                   process_count, weights)
     encode = ConversationEncoder(tokenizer, seq_len + 1, BadRecords(bad_records, skipped, patience))
     ds = ds.map(encode).to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                           prefetch_buffer_size=READ_AHEAD))
@@ -360,9 +362,14 @@ def sft_batches(sources: Sequence[tuple[str, Sequence[Conversation]]], tokenizer
     return ds.batch(batch_size, drop_remainder=True).map(to_model_batch)
 
 
-def _records_dataset(sources, holdout_every: int, part: str, seed: int | None,
-                     process_index: int, process_count: int) -> tuple[grain.MapDataset, int]:
-    """This host's records and the patience for bad records in a row."""
+def records_dataset(sources: Sequence[tuple[str, Sequence[Any]]], holdout_every: int, part: str,
+                    seed: int | None, process_index: int = 0, process_count: int = 1,
+                    weights: Sequence[float] | None = None) -> tuple[grain.MapDataset, int]:
+    """This host's records of the `part` (endless and mixed by `weights` with a seed, one pass
+    in order without) and the patience for bad records in a row."""
+    weights = list(weights) if weights is not None else [1.0] * len(sources)
+    if len(weights) != len(sources) or min(weights, default=1.0) <= 0:
+        raise UserError(f"weights {weights} must be one positive number per source")
     parts, lengths = [], []
     for s, (name, records) in enumerate(sources):
         indices = split_indices(len(records), holdout_every, part)
@@ -376,11 +383,11 @@ def _records_dataset(sources, holdout_every: int, part: str, seed: int | None,
     if len(parts) == 1:
         ds = parts[0]
     else:
-        ds = grain.MapDataset.concatenate(parts) if seed is None else grain.MapDataset.mix(parts)
+        ds = grain.MapDataset.concatenate(parts) if seed is None else grain.MapDataset.mix(parts, weights)
     ds = ds[process_index::process_count]
     if seed is None:
         return ds, len(ds)
-    return ds, _patience(lengths, [1.0] * len(lengths), process_count, READ_AHEAD)
+    return ds, _patience(lengths, weights, process_count, READ_AHEAD)
 
 
 class PairEncoder:
@@ -414,24 +421,23 @@ class PairEncoder:
         return out
 
 
-def dpo_batches(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, *, batch_size: int,
-                seq_len: int, seed: int | None, holdout_every: int = 0, part: str = "train",
-                bad_records: str = "error", skipped: SkippedRecords | None = None,
-                process_index: int = 0, process_count: int = 1,
-                drop_remainder: bool = True) -> grain.IterDataset:
+def dpo_batches(sources: Sequence[tuple[str, Sequence[PreferencePair]]], tokenizer: Tokenizer, *,
+                batch_size: int, seq_len: int, seed: int | None, holdout_every: int = 0,
+                part: str = "train", bad_records: str = "error", skipped: SkippedRecords | None = None,
+                process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
+                weights: Sequence[float] | None = None, first_index: int = 0) -> grain.IterDataset:
     """Batches of `batch_size` pairs as one forward batch of 2 x batch_size rows (chosen rows
-    first), with `index` (position of each pair in `pairs`, for precomputed reference
-    log-probs). `seed=None` reads the `part` once in order."""
-    indices = split_indices(len(pairs), holdout_every, part)
-    if len(indices) == 0:
-        raise DataError(f"no {part} preference pairs")
-    items = [(int(i), pairs[int(i)]) for i in indices]
-    if seed is None:
-        ds = grain.MapDataset.source(items)[process_index::process_count]
-        patience = len(ds)
-    else:
-        ds = _shuffled_forever(items, np.arange(len(items)), seed)[process_index::process_count]
-        patience = _patience([len(items)], [1.0], process_count, PAIR_READ_AHEAD)
+    first), with `index`: the pair's position in all sources' pairs in order, plus
+    `first_index` (for precomputed reference log-probs). Sources are sampled by `weights`;
+    `seed=None` reads the `part` once in order."""
+    indexed, offset = [], first_index
+    for name, pairs in sources:
+        indexed.append((name, [(offset + i, pair) for i, pair in enumerate(pairs)]))
+        offset += len(pairs)
+    ds, _ = records_dataset(indexed, holdout_every, part, seed, process_index, process_count, weights)
+    patience = len(ds) if seed is None else _patience(
+        [len(split_indices(len(p), holdout_every, part)) for _, p in indexed],
+        weights or [1.0] * len(indexed), process_count, PAIR_READ_AHEAD)
     ds = ds.map(PairEncoder(tokenizer, seq_len, BadRecords(bad_records, skipped, patience)))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=PAIR_READ_AHEAD))
     return ds.batch(batch_size, drop_remainder=drop_remainder).map(to_pair_batch)

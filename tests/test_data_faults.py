@@ -34,7 +34,7 @@ cases = {
                                             skipped=s, **skip),
     "sft": lambda s: sft_batches(sft("long"), tok, seed=0, skipped=s, **skip),
     "sft_one_pass": lambda s: sft_batches(sft("long"), tok, seed=None, skipped=s, **skip),
-    "dpo": lambda s: dpo_batches(load_pairs(f"jsonl:{root}/pairs.jsonl?format=pairs"), tok,
+    "dpo": lambda s: dpo_batches([("pairs", load_pairs(f"jsonl:{root}/pairs.jsonl?format=pairs"))], tok,
                                  seed=0, skipped=s, **skip),
     "one_good_record": lambda s: train_batches(open_sources([f"jsonl:{root}/one_good.jsonl"]), tok,
                                                seed=0, skipped=s, **skip),

@@ -110,19 +110,26 @@ def test_pretrain_sft_dpo_stages(shared_data, tmp_path, tokenizer_path):
 
     sft = _small(sft_experiment("tiny"), "", 6, init_from=str(tmp_path / "pre"))
     sft.mesh.data, sft.mesh.fsdp = 4, 2
+    sft.data.sources = (f"json:{shared_data}/domain/pubmedqa_pqal.json?format=pubmedqa&weight=3",
+                        f"jsonl:{shared_data}/domain/tatqa_finance.jsonl?format=qa&weight=1")
     last = Trainer(sft, tmp_path / "sft").run()
     assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
     assert last["trimmed_prompt_tokens"] > 0
+    per_source = [last["eval_loss/pubmedqa_pqal"], last["eval_loss/tatqa_finance"]]
+    assert min(per_source) <= last["eval_loss"] <= max(per_source) and per_source[0] != per_source[1]
 
-    subset = tmp_path / "hh_subset.jsonl.gz"  # 80 pairs keep the precompute pass short
+    # two preference sources of 80 pairs (a held-out batch of 8 each; a short precompute
+    # pass), mixed 1:2
     with gzip.open(shared_data / "preference" / "hh_rlhf_harmless_test.jsonl.gz", "rt") as f:
-        lines = [next(f) for _ in range(80)]
-    with gzip.open(subset, "wt") as f:
-        f.writelines(lines)
+        lines = [next(f) for _ in range(160)]
+    for name, part in (("hh_a", lines[:80]), ("hh_b", lines[80:])):
+        with gzip.open(tmp_path / f"{name}.jsonl.gz", "wt") as f:
+            f.writelines(part)
     rows = {}
     for reference in ("memory", "precomputed"):
         dpo = _small(dpo_experiment("tiny"), "", 3, init_from=str(tmp_path / "sft"))
-        dpo.data.sources = (f"jsonl:{subset}?format=hh",)
+        dpo.data.sources = (f"jsonl:{tmp_path / 'hh_a.jsonl.gz'}?format=hh&weight=1",
+                            f"jsonl:{tmp_path / 'hh_b.jsonl.gz'}?format=hh&weight=2")
         dpo.dpo.reference = reference
         Trainer(dpo, tmp_path / reference).run()
         rows[reference] = read_metrics(tmp_path / reference)[-1]
@@ -130,7 +137,9 @@ def test_pretrain_sft_dpo_stages(shared_data, tmp_path, tokenizer_path):
     # The precomputed pass runs unsharded, the in-memory reference sharded over 8 devices:
     # f32 reduction order differs, so log-probs (~-300) agree to ~1e-6 relative and rewards
     # (beta x differences of them) to ~1e-4 absolute. A layout bug would be off by whole units.
-    for key in ("loss", "rewards/margin", "rewards/chosen", "eval_loss", "eval_rewards/margin"):
+    # per-source held-out metrics: the precomputed table is indexed across both sources
+    for key in ("loss", "rewards/margin", "rewards/chosen", "eval_loss", "eval_rewards/margin",
+                "eval_loss/hh_a", "eval_loss/hh_b", "eval_rewards/margin/hh_b"):
         assert rows["memory"][key] == pytest.approx(rows["precomputed"][key], abs=2e-4), key
     for key in ("logps/ref_chosen", "logps/ref_rejected", "logps/policy_chosen"):
         assert rows["memory"][key] == pytest.approx(rows["precomputed"][key], rel=1e-5), key

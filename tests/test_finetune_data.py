@@ -150,7 +150,7 @@ def test_dpo_rows_share_the_prompt_and_mask_only_the_reply(tmp_path, tok):
          "rejected": "a much longer and worse reply here"}])
     pairs = load_pairs(f"jsonl:{path}?format=pairs")
     skipped = SkippedRecords()
-    batch = next(iter(dpo_batches(pairs, tok, batch_size=1, seq_len=40, seed=None, skipped=skipped)))
+    batch = next(iter(dpo_batches([("pairs", pairs)], tok, batch_size=1, seq_len=40, seed=None, skipped=skipped)))
     first = [int(np.argmax(batch["loss_mask"][i] > 0)) for i in range(2)]
     assert first[0] == first[1]
     np.testing.assert_array_equal(batch["inputs"][0][:first[0]], batch["inputs"][1][:first[1]])
@@ -205,7 +205,7 @@ def test_special_token_strings_in_sft_data_stay_text(tmp_path, tok):
 def test_special_token_strings_in_dpo_pairs_stay_text(tmp_path, tok):
     path = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": INJECTED, "chosen": f"good {INJECTED}",
                                               "rejected": f"bad {INJECTED}"}])
-    batch = next(iter(dpo_batches(load_pairs(f"jsonl:{path}?format=pairs"), tok, batch_size=1,
+    batch = next(iter(dpo_batches([("pairs", load_pairs(f"jsonl:{path}?format=pairs"))], tok, batch_size=1,
                                   seq_len=256, seed=None)))
     chat = tok.chat_token_ids
     for i, reply in enumerate((f"good {INJECTED}", f"bad {INJECTED}")):

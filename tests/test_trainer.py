@@ -183,7 +183,7 @@ def _host_bytes_and_targets(config, tokenizer_path, process_index):
     tokenizer = Tokenizer.load(tokenizer_path)
     task = PretrainTask(config, tokenizer, SkippedRecords(), ModelConfig.from_dict(config.model))
     lengths = token_byte_lengths(tokenizer)
-    dataset = task.eval_dataset(config.train.batch_size // 2, process_index, 2)
+    dataset = task.eval_datasets(config.train.batch_size // 2, process_index, 2)["held_out"]
     n_bytes = n_targets = 0.0
     for local in first_batches(dataset, config.train.eval_batches):
         n_bytes += float((lengths[local["targets"]] * local["loss_mask"]).sum())

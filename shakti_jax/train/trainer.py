@@ -248,10 +248,10 @@ class Trainer:
         tokens_per_step = train.batch_size * self.task.rows_per_example * config.data.seq_len
         logger = MetricsLogger(self.workdir, resume_step=start, enabled=self.is_main)
         per_host = train.batch_size // jax.process_count()
-        held_out = self.task.eval_dataset(per_host, jax.process_index(), jax.process_count())
+        held_out = self.task.eval_datasets(per_host, jax.process_index(), jax.process_count())
         scorer = JaxBackend(self.model_def, state.params, batch_size=16)
-        has_eval = held_out is not None or bool(self.eval_tasks)
-        if held_out is None:
+        has_eval = bool(held_out) or bool(self.eval_tasks)
+        if not held_out:
             self._log("no held-out data (data.holdout_every=0 and no data.eval_sources): "
                       "held-out loss is off" + ("" if self.eval_tasks else ", and so are eval metrics (no train.eval_tasks)"))
         profile = tuple(train.get("profile_steps", ()))
@@ -307,20 +307,29 @@ class Trainer:
         return last
 
     # -- helpers --------------------------------------------------------------------------
-    def evaluate(self, state: TrainState, step: BuiltStep, dataset, scorer: JaxBackend) -> dict[str, float]:
-        """The task's held-out metrics over up to `train.eval_batches` batches of `dataset`
-        (sums over every process's batches, on device), then `train.eval_tasks` scored on
-        the current params (the same requests and metrics as `python -m shakti_jax.eval`)."""
+    def evaluate(self, state: TrainState, step: BuiltStep, datasets: dict, scorer: JaxBackend
+                 ) -> dict[str, float]:
+        """The task's held-out metrics over up to `train.eval_batches` batches of each held-out
+        dataset (sums over every process's batches, on device): overall, and per source as
+        `eval_loss/NAME` when there are several; then `train.eval_tasks` scored on the current
+        params (the same requests and metrics as `python -m shakti_jax.eval`)."""
         scorer.params = state.params
         row = task_metrics(self.eval_tasks, scorer, self.tokenizer)
         totals: dict[str, float] = {}
         count = 0.0
-        for local in first_batches(dataset, self.config.train.eval_batches) if dataset is not None else ():
-            sums, n = jax.device_get(step.evaluate(state.params, state.task_state,
-                                                   step.global_batch(local)))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            count += float(n)
+        for name, dataset in datasets.items():
+            own: dict[str, float] = {}
+            own_count = 0.0
+            for local in first_batches(dataset, self.config.train.eval_batches):
+                sums, n = jax.device_get(step.evaluate(state.params, state.task_state,
+                                                       step.global_batch(local)))
+                for k, v in sums.items():
+                    own[k] = own.get(k, 0.0) + float(v)
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                own_count += float(n)
+            count += own_count
+            if len(datasets) > 1 and own_count:
+                row.update({f"{k}/{name}": v for k, v in self.task.eval_summary(own, own_count).items()})
         return {**(self.task.eval_summary(totals, count) if count else {}), **row}
 
     def _check_finite(self, state: TrainState, checkpointer: Checkpointer) -> None:

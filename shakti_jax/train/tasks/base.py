@@ -83,12 +83,23 @@ class Task:
                       ) -> grain.IterDataset:
         raise NotImplementedError
 
-    def eval_dataset(self, batch_size: int, process_index: int, process_count: int
-                     ) -> grain.IterDataset | None:
-        """Held-out batches, or None when the config holds nothing out."""
+    def eval_datasets(self, batch_size: int, process_index: int, process_count: int
+                      ) -> dict[str, grain.IterDataset]:
+        """Held-out batches by source name (metrics per source when there are several);
+        empty when the config holds nothing out."""
         raise NotImplementedError
 
     def eval_summary(self, sums: dict[str, float], count: float) -> dict[str, float]:
         loss = sums["loss"] / count
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
+
+
+def source_names(specs) -> list[str]:
+    """A short unique name per data source spec: its file name without suffixes."""
+    names = []
+    for spec in specs:
+        path = spec.partition(":")[2].partition("?")[0].rstrip("/")
+        name = Path(path).name.split(".")[0] or path
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names

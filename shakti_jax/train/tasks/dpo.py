@@ -19,13 +19,14 @@ import numpy as np
 
 from data_pipelines.atomic import write_atomic
 from data_pipelines.pipeline import dpo_batches
-from data_pipelines.records import load_pairs
+from data_pipelines.records import RECORD_KINDS, load_pairs
+from data_pipelines.sources import SourceSpec
 from shakti_jax.config import ConfigError
 from shakti_jax.model import ModelDef
 from shakti_jax.train import batches
 from shakti_jax.train.dpo import LOSSES, dpo_loss, sequence_logps
 from shakti_jax.train.step import Objective
-from shakti_jax.train.tasks.base import PrepareContext, Task
+from shakti_jax.train.tasks.base import PrepareContext, Task, source_names
 
 REFERENCES = ("memory", "precomputed")
 TABLE = "reference_logps.npz"
@@ -43,11 +44,13 @@ class DPOTask(Task):
             raise ConfigError(f"dpo.reference={dpo.reference!r}: must be one of {REFERENCES}")
         if not dpo.beta > 0:
             raise ConfigError(f"dpo.beta={dpo.beta!r}: must be > 0")
-        if len(config.data.sources) != 1:
-            raise ConfigError("data.sources: DPO reads exactly one preference source")
         if dpo.reference == "precomputed" and jax.process_count() > 1:
             raise ConfigError("dpo.reference='precomputed' runs on one process; use 'memory'")
-        self.pairs = load_pairs(config.data.sources[0])
+        specs = list(config.data.sources)
+        self.sources = [(spec, load_pairs(spec)) for spec in specs]
+        self.weights = [SourceSpec.parse(spec, kinds=RECORD_KINDS).weight for spec in specs]
+        self.names = source_names(specs)
+        self.pairs = [pair for _, pairs in self.sources for pair in pairs]  # `index` order
         self.in_memory = dpo.reference == "memory"
         self.reference_table: np.ndarray | None = None  # [pairs, 2] when precomputed
         if not self.in_memory:
@@ -69,21 +72,30 @@ class DPOTask(Task):
         return {f"eval_{k}": v / count for k, v in sums.items()}
 
     # -- data -----------------------------------------------------------------------------
-    def _dataset(self, batch_size, process_index, process_count, part, seed, drop_remainder=True):
-        return dpo_batches(self.pairs, self.tokenizer, batch_size=batch_size, seed=seed,
+    def _dataset(self, batch_size, process_index, process_count, part, seed, drop_remainder=True,
+                 source: int | None = None):
+        """All sources mixed by weight, or only source number `source` (per-source eval)."""
+        sources, weights, first = self.sources, self.weights, 0
+        if source is not None:
+            first = sum(len(pairs) for _, pairs in self.sources[:source])
+            sources, weights = [self.sources[source]], None
+        return dpo_batches(sources, self.tokenizer, batch_size=batch_size, seed=seed,
                            holdout_every=self.config.data.holdout_every, part=part,
-                           drop_remainder=drop_remainder,
+                           drop_remainder=drop_remainder, weights=weights, first_index=first,
                            **self._common(process_index, process_count))
 
     def train_dataset(self, batch_size, process_index, process_count):
         ds = self._dataset(batch_size, process_index, process_count, "train", self.config.data.seed)
         return ds if self.in_memory else ds.map(self._attach_reference)
 
-    def eval_dataset(self, batch_size, process_index, process_count):
+    def eval_datasets(self, batch_size, process_index, process_count):
         if not self.config.data.holdout_every:
-            return None
-        ds = self._dataset(batch_size, process_index, process_count, "eval", None)
-        return ds if self.in_memory else ds.map(self._attach_reference)
+            return {}
+        out = {}
+        for s, name in enumerate(self.names):
+            ds = self._dataset(batch_size, process_index, process_count, "eval", None, source=s)
+            out[name] = ds if self.in_memory else ds.map(self._attach_reference)
+        return out
 
     def _attach_reference(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ref = self.reference_table[batch["index"]]

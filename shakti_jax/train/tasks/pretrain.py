@@ -38,12 +38,12 @@ class PretrainTask(Task):
                              holdout_every=self._holdout_every, num_threads=data.num_threads,
                              align=self._align(), **self._common(process_index, process_count))
 
-    def eval_dataset(self, batch_size, process_index, process_count):
+    def eval_datasets(self, batch_size, process_index, process_count):
         if not self.eval_sources and not self.config.data.holdout_every:
-            return None
-        return eval_batches(self.eval_sources or self.sources, self.tokenizer,
+            return {}
+        return {"held_out": eval_batches(self.eval_sources or self.sources, self.tokenizer,
                             batch_size=batch_size, holdout_every=self._holdout_every,
-                            align=self._align(), **self._common(process_index, process_count))
+                            align=self._align(), **self._common(process_index, process_count))}
 
     def eval_objective(self, model_def: ModelDef) -> Objective:
         """The LM loss plus the UTF-8 bytes the targets stand for, summed on device, so bits
