@@ -200,3 +200,25 @@ def test_dpo_mixture_indexes_every_source(tmp_path, tok):
     held = dpo_batches([sources[1]], tok, batch_size=1, seq_len=24, seed=None, part="eval",
                        holdout_every=4, first_index=8, drop_remainder=False)
     assert [int(b["index"][0]) for b in held] == [8 + 3, 8 + 7, 8 + 11, 8 + 15, 8 + 19, 8 + 23]
+
+
+@pytest.mark.parametrize("domain, usable", [("healthcare", [1000]), ("finance", [2461]),
+                                            ("legal", [4247]), ("mixed", [1000, 2461, 4247])])
+def test_domain_recipes_read_the_shared_sets(shared_data, monkeypatch, domain, usable):
+    from conftest import REPO_ROOT
+    from experiments.domain import get_config
+    from shakti_jax.train.tasks.base import source_names
+
+    monkeypatch.chdir(REPO_ROOT)  # the recipes name ../shared/data from the repo root
+    config = get_config(f"smollm2,{domain}")
+    sources = [load_conversations(spec) for spec in config.data.sources]
+    assert [sum(c.messages is not None for c in convs) for convs in sources] == usable
+    assert config.data.holdout_every == 10 and len(set(source_names(config.data.sources))) == len(usable)
+    if domain != "healthcare":  # question/answer records: FINANCE_LEGAL.md's prompt view
+        file = "tatqa_finance.jsonl" if domain == "finance" else "cuad_legal.jsonl"
+        row = json.loads((shared_data / "domain" / file).read_text().splitlines()[0])
+        assert sources[-1][0].messages == [("user", f"{row['context']}\n\nQuestion: {row['question']}"),
+                                           ("assistant", row["answer"])]
+    assert get_config(f"shakti_250m,{domain},dpo").stage == "dpo"
+    with pytest.raises(ValueError, match="expected SIZE,DOMAIN"):
+        get_config("shakti_250m,space")
