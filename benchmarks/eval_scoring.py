@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.edge_models import machine
-from experiments.demo_smollm2 import smollm_gguf
+from experiments.demo_smollm2 import imported_smollm, smollm_gguf
 from shakti_jax.evaluation import backends
 from shakti_jax.evaluation.requests import Request, Score, fit
 from shakti_jax.evaluation.suite import Task, prepare
@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/bench_eval")
     parser.add_argument("--toxigen", type=int, default=100, help="ToxiGen items (2 requests each)")
-    parser.add_argument("--bbq", type=int, default=20, help="BBQ items per category file (3 requests each)")
+    parser.add_argument("--bbq", type=int, default=20, help="BBQ items per category file (12 requests each: 2 answers + 10 unknown phrasings)")
     parser.add_argument("--mc_items", type=int, default=1000, help="CrowS-Pairs pairs (two-way choices) to time")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_len", type=int, default=1024)
@@ -95,12 +95,9 @@ def main() -> None:
 
     from shakti_jax.convert import convert, plan
     from shakti_jax.evaluation.models import open_model
-    from shakti_jax.import_model import import_model
 
     root = Path(args.workdir)
-    imported = root / "imported"
-    if not (imported / "checkpoints").is_dir():
-        import_model(f"gguf:{gguf}", imported)
+    imported = imported_smollm(root, gguf)
     f32 = convert(plan([imported], "gguf", ["f32"], root / "exports"), "gguf", progress=False)[0].job.out
     hf = convert(plan([imported], "hf", ["f32"], root / "hf"), "hf", progress=False)[0].job.out
 

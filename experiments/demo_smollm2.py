@@ -45,6 +45,14 @@ def smollm_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+def imported_smollm(root: Path, gguf: Path) -> Path:
+    """`root/imported`: the SmolLM2 GGUF imported as a workdir (once; reused afterwards)."""
+    imported = root / "imported"
+    if not (imported / "checkpoints").is_dir():
+        import_model(f"gguf:{gguf}", imported)
+    return imported
+
+
 def answer(workdir: Path, questions: list[list[tuple[str, str]]], max_new_tokens: int) -> list[str]:
     loaded = load_params(workdir)
     tok = Tokenizer.load(loaded.tokenizer_path)

@@ -17,13 +17,12 @@ import json
 from pathlib import Path
 
 from data_pipelines.atomic import write_atomic
-from experiments.demo_smollm2 import smollm_gguf
+from experiments.demo_smollm2 import imported_smollm, smollm_gguf
 from shakti_jax.convert import convert, plan
 from shakti_jax.eval import evaluate
 from shakti_jax.evaluation.models import open_model
 from shakti_jax.evaluation.quant_report import export_report
 from shakti_jax.evaluation.suite import parse_tasks, prepare
-from shakti_jax.import_model import import_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT = SHARED / "pretrain" / "wikitext2_valid.txt"
@@ -50,9 +49,7 @@ def main() -> None:
     root = Path(args.workdir)
     task_list = parse_tasks(TASKS.format(bbq=args.bbq, pubmedqa=args.pubmedqa, answers=args.answers))
     runners = {task.name: prepare(task) for task in task_list}
-    imported = root / "imported"
-    if not (imported / "checkpoints").is_dir():
-        import_model(f"gguf:{gguf}", imported)
+    imported = imported_smollm(root, gguf)
     exports = root / "exports"
     results = convert(plan([imported], "gguf", ["f32", "q8_0", "q4_0"], exports), "gguf")
     print(export_report(results, WIKITEXT.read_text(encoding="utf-8")[:20_000], exports, max_len=512))
