@@ -45,7 +45,7 @@ def compile_seconds(model: str, batch: int, seq_len: int, **overrides) -> float:
 
 def temp_bytes(model: str, batch: int, seq_len: int, remat: str) -> int:
     cfg = get_config(model, dropout_rate=0.0, dtype="bfloat16", remat=remat)
-    return lm_step(cfg, batch, seq_len).train.memory_analysis().temp_size_in_bytes
+    return lm_step(cfg, batch, seq_len).compiled.memory_analysis().temp_size_in_bytes
 
 
 def generate_seconds(model: str, prompt_len: int, new_tokens: int) -> tuple[float, float]:

@@ -9,6 +9,8 @@ paper's healthcare domain. Sources are `KIND:PATH?format=...` specs of
 
 from __future__ import annotations
 
+from ml_collections import ConfigDict
+
 from experiments.pretrain import get_config as pretrain_config
 
 _SHARED = "../shared/data"
@@ -34,4 +36,10 @@ def get_config(size: str = "tiny"):
     c.optim.warmup_steps = 10 if tiny else 50
     c.optim.weight_decay = 0.0
     c.optim.z_loss = 0.0
+    c.lora = ConfigDict()  # see shakti_jax/train/tuning.py
+    c.lora.targets = ()  # empty: full fine-tuning; e.g. ("q", "k", "v", "o", "gate", "up", "down")
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.base_quant = ""  # "" dense base, or q8_0 | q5_0 | q4_0 | q4_1 (QLoRA on GGUF blocks)
     return c

@@ -3,6 +3,11 @@
     python -m shakti_jax.convert --checkpoint runs/pretrain --format gguf --quant q4_0 --out model.gguf
     python -m shakti_jax.convert --checkpoint 'runs/*' --format gguf --quant q4_0,q8_0,q4_k_m --out exports/
     python -m shakti_jax.convert --checkpoint runs/sft --step 2000 --format hf --out hf_model/
+    python -m shakti_jax.convert --checkpoint runs/sft-lora --format lora --out adapter.gguf
+
+A LoRA run (`lora.targets`) exports merged into its base with `gguf` / `hf`, or as the adapter
+alone with `lora`: a llama.cpp adapter GGUF (F32) to load over the base's own GGUF export
+(`llama-cli -m base-Q4_0.gguf --lora adapter.gguf`).
 
 One conversion (one checkpoint, one quant type) writes `--out` itself (a GGUF file into it when
 it is a folder; an HF folder replaces a previous export there); a batch writes
@@ -36,6 +41,8 @@ from shakti_jax.export.canonical import CanonicalModel, ExportError, canonicaliz
 from shakti_jax.export.gguf_export import (check_quantizable, gguf_tensor_count, quant_type, size_label,
                                            write_gguf)
 from shakti_jax.export.hf_export import HF_DTYPES, hf_tensor_count, is_hf_export, write_hf
+from shakti_jax.export.lora_gguf import write_lora_gguf
+from shakti_jax.lora import count_params
 
 T = TypeVar("T")
 
@@ -76,9 +83,10 @@ def plan(checkpoints: Sequence[Path], fmt: str, quants: Sequence[str], out: Path
     for checkpoint in checkpoints:
         label = _size_label(checkpoint) if fmt == "gguf" else None
         for quant in quants:
-            name = (naming_convention(None, checkpoint.name, None, None, label, quant) + ".gguf"
-                    if fmt == "gguf" else f"{checkpoint.name}-hf-{quant}")
-            inside = not single or (fmt == "gguf" and out.is_dir())
+            name = {"gguf": lambda: naming_convention(None, checkpoint.name, None, None, label, quant) + ".gguf",
+                    "hf": lambda: f"{checkpoint.name}-hf-{quant}",
+                    "lora": lambda: f"{checkpoint.name}-lora.gguf"}[fmt]()
+            inside = not single or (fmt != "hf" and out.is_dir())
             jobs.append(Job(checkpoint, quant, out / name if inside else out))
     for job in jobs:
         check_target(job.out, fmt)
@@ -100,7 +108,7 @@ def _size_label(checkpoint: Path) -> str | None:
 def check_target(path: Path, fmt: str) -> None:
     """Fail before loading anything when `path` cannot be written, or would replace something
     that is not an earlier export of the same format."""
-    if fmt == "gguf" and path.is_dir():
+    if fmt != "hf" and path.is_dir():
         raise ExportError(f"--out: {path} is a folder, not a GGUF file")
     if fmt == "hf" and path.exists() and not is_hf_export(path):
         raise ExportError(f"--out: {path} exists and is not an HF export; refusing to replace it")
@@ -114,7 +122,7 @@ def check_target(path: Path, fmt: str) -> None:
 def parse_quants(text: str | None, fmt: str) -> list[str]:
     """The `--quant` list (the format's default when None); an empty entry is an error."""
     if text is None:
-        return ["q4_0" if fmt == "gguf" else "f32"]
+        return ["q4_0" if fmt == "gguf" else "f32"]  # hf and lora: f32
     quants = [q.strip().lower() for q in text.split(",")]
     for i, quant in enumerate(quants, 1):
         if not quant:
@@ -128,6 +136,9 @@ def check_quant(fmt: str, quant: str) -> None:
         raise ExportError(f"--format hf writes {', '.join(HF_DTYPES)} weights, not {quant!r}")
     if fmt == "gguf":
         quant_type(quant)
+    if fmt == "lora" and quant != "f32":
+        raise ExportError(f"--format lora writes F32 adapter tensors, not {quant!r} (quantize the "
+                          f"base export instead)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +193,9 @@ def describe(checkpoint: Path, step: int | None, tokenizer: str | None, fmt: str
     step = pick_step(checkpoint, step)
     meta = read_step(read_meta, checkpoint, step)
     cfg = ModelConfig.from_dict(meta["model"])
+    if fmt == "lora" and not meta.get("lora"):
+        raise ExportError(f"--checkpoint {checkpoint}: step {step} is not a LoRA run (no lora.targets); "
+                          f"export it with --format gguf or hf")
     tokenizer_path = Path(tokenizer) if tokenizer else tokenizer_of(checkpoint, meta)
     if not tokenizer_path:
         raise ExportError(f"{checkpoint}: the checkpoint names no tokenizer; pass --tokenizer")
@@ -217,13 +231,21 @@ def convert(jobs: Sequence[Job], fmt: str, tokenizer: str | None = None,
 
     from shakti_jax.train.checkpoint import load_params
 
-    count = gguf_tensor_count if fmt == "gguf" else hf_tensor_count
+    count = {"gguf": gguf_tensor_count, "hf": hf_tensor_count, "lora": lambda _: 1}[fmt]
     bar = tqdm(total=sum(count(sources[j.checkpoint].canon) for j in jobs), unit="tensor",
                disable=not progress)
     results = []
     for checkpoint, its_jobs in by_checkpoint.items():
         source = sources[checkpoint]
         loaded = read_step(load_params, checkpoint, source.step)
+        if fmt == "lora":
+            for job in its_jobs:
+                start = time.perf_counter()
+                write_lora_gguf(loaded.config, loaded.adapters, loaded.lora, job.out)
+                bar.update()
+                results.append(Result(job, _size(job.out), 4 * count_params(loaded.adapters),
+                                      time.perf_counter() - start))
+            continue
         canon, _ = canonicalize(loaded.config, loaded.params, source.tokenizer_path,
                                 allow_attention_change=allow_attention_change, rope_pairing=_pairing(fmt))
         f32_bytes = sum(4 * t.numel for t in canon.tensors)
@@ -258,10 +280,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                         help="training workdirs (paths or quoted globs); the newest step of each")
     parser.add_argument("--step", type=int, default=None,
                         help="the checkpoint step to export (default: the newest)")
-    parser.add_argument("--format", choices=("gguf", "hf"), required=True)
+    parser.add_argument("--format", choices=("gguf", "hf", "lora"), required=True,
+                        help="lora: a LoRA run's adapter alone, as a llama.cpp adapter GGUF")
     parser.add_argument("--quant", default=None,
                         help="comma-separated: f32,f16,bf16,q8_0,q5_0,q4_0,q4_k_m,q5_k_m,q6_k for "
-                             "gguf (default q4_0); f32,bf16,f16 for hf (default f32)")
+                             "gguf (default q4_0); f32,bf16,f16 for hf (default f32); f32 for lora")
     parser.add_argument("--out", required=True, help="file or folder (a folder for batches)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.model or tokenizer.json, if not the checkpoint's")

@@ -355,9 +355,12 @@ class MemoryReport:
         return self.quantized / self.quantized_bf16 if self.quantized_bf16 else 1.0
 
     def __str__(self) -> str:
+        line = (f"base {self.total / 2**20:.2f} MiB vs {self.bf16 / 2**20:.2f} MiB in bf16 "
+                f"({self.ratio:.3f})")
+        if not self.by_type:
+            return line
         types = ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(self.by_type.items()))
-        return (f"base {self.total / 2**20:.2f} MiB vs {self.bf16 / 2**20:.2f} MiB in bf16 "
-                f"({self.ratio:.3f}); quantized tensors {self.quantized / 2**20:.2f} MiB vs "
+        return (f"{line}; quantized tensors {self.quantized / 2**20:.2f} MiB vs "
                 f"{self.quantized_bf16 / 2**20:.2f} MiB ({self.quantized_ratio:.4f}; {types})")
 
 

@@ -6,6 +6,8 @@ sliding windows (0 <= i - j < W), SwiGLU, tied or separate output. llama.cpp's C
 round the activations to the weight's "vec_dot" type before multiplying (Q8_0 blocks of 32 for
 Q4_0/Q5_0/Q8_0 weights, Q8_K blocks of 256 for K-quants, F16/BF16 for half-precision
 weights); `round_activations=True` reproduces that, so quantized files can be checked to 1e-3.
+`adapter=` applies a LoRA adapter GGUF as llama.cpp does at load time: each targeted matmul
+gains `alpha / rank * B (A x)`, computed in F32 on the unrounded activations.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _Q8_K_WEIGHTS = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 
 
 class GGUFModel:
-    def __init__(self, path):
+    def __init__(self, path, adapter=None):
         reader = gguf.GGUFReader(path)
         self.arch = _field(reader, "general.architecture")
         get = lambda key: _field(reader, f"{self.arch}.{key}")  # noqa: E731
@@ -37,6 +39,7 @@ class GGUFModel:
             shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
             self.weights[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64)
             self.types[t.name] = Q(t.tensor_type)
+        self.lora = _read_adapter(adapter) if adapter else {}
 
     def logits(self, ids: list[int], round_activations: bool = True) -> np.ndarray:
         """[T, V] logits of one sequence."""
@@ -44,9 +47,11 @@ class GGUFModel:
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
 
         def linear(x, name):
-            if round_activations:
-                x = round_activations_for(self.types[name], x)
-            return x @ W[name].T
+            y = (round_activations_for(self.types[name], x) if round_activations else x) @ W[name].T
+            if name in self.lora:
+                scale, a_RI, b_OR = self.lora[name]
+                y = y + scale * (x @ a_RI.T) @ b_OR.T
+            return y
 
         def rms(x, name):
             return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * W[name]
@@ -75,6 +80,20 @@ class GGUFModel:
             h = h + linear(gate / (1 + np.exp(-gate)) * linear(m, p + "ffn_up.weight"), p + "ffn_down.weight")
         out = "output.weight" if "output.weight" in W else "token_embd.weight"
         return linear(rms(h, "output_norm.weight"), out)
+
+
+def _read_adapter(path) -> dict:
+    """{base tensor name: (alpha / rank, A [rank, in], B [out, rank])} of a LoRA adapter GGUF."""
+    reader = gguf.GGUFReader(path)
+    alpha = float(_field(reader, "adapter.lora.alpha"))
+    tensors = {t.name: t.data.reshape(tuple(int(d) for d in reversed(t.shape))).astype(np.float64)
+               for t in reader.tensors}
+    out = {}
+    for name, a_RI in tensors.items():
+        if name.endswith(".lora_a"):
+            base = name[: -len(".lora_a")]
+            out[base] = (alpha / a_RI.shape[0], a_RI, tensors[base + ".lora_b"])
+    return out
 
 
 def round_activations_for(weight_type: Q, x: np.ndarray) -> np.ndarray:

@@ -220,5 +220,11 @@ def test_domain_recipes_read_the_shared_sets(shared_data, monkeypatch, domain, u
         assert sources[-1][0].messages == [("user", f"{row['context']}\n\nQuestion: {row['question']}"),
                                            ("assistant", row["answer"])]
     assert get_config(f"shakti_250m,{domain},dpo").stage == "dpo"
-    with pytest.raises(ValueError, match="expected SIZE,DOMAIN"):
-        get_config("shakti_250m,space")
+    qlora = get_config(f"smollm2,{domain},qlora")
+    assert (qlora.lora.base_quant, qlora.lora.rank, len(qlora.lora.targets)) == ("q4_0", 16, 7)
+    assert qlora.optim.lr == pytest.approx(10 * config.optim.lr) and not config.lora.targets
+    dpo_lora = get_config(f"shakti_250m,{domain},dpo,lora")
+    assert (dpo_lora.lora.base_quant, dpo_lora.dpo.reference) == ("", "precomputed")
+    for bad in ("shakti_250m,space", "smollm2,legal,lora,dpo"):
+        with pytest.raises(ValueError, match="expected SIZE,DOMAIN"):
+            get_config(bad)

@@ -15,6 +15,7 @@ folder read-only, fall back the same way without renaming, and never create anyt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from data_pipelines.errors import UserError
 from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.model import ModelDef
 from shakti_jax.model.layout import is_per_layer, stack_layers
+from shakti_jax.lora import LoraConfig
+from shakti_jax.train.tuning import Tuning
 
 LAYOUT_HINT = ("it holds per-layer params from before layers were stacked; start a new workdir "
                "with --config.train.init_from={workdir} (params convert on load)")
@@ -252,9 +255,11 @@ def tokenizer_of(workdir: str | Path, meta: dict) -> Path | None:
 @dataclasses.dataclass
 class LoadedParams:
     config: ModelConfig
-    params: dict  # nested dict of arrays, the ModelDef's layout
+    params: dict  # nested dict of arrays, the ModelDef's layout (a LoRA run's: base + adapters)
     step: int
     tokenizer_path: Path | None
+    adapters: dict | None = None  # a LoRA run's adapters as saved
+    lora: LoraConfig | None = None
 
     @property
     def model_def(self) -> ModelDef:
@@ -287,20 +292,46 @@ def read_meta(workdir: str | Path, step: int | None = None) -> dict:
     return _with_fallback(workdir, step, _restore_meta)[1]
 
 
+def start_digest(workdir: str | Path, meta: dict) -> str:
+    """Identifies a run's starting params: the `init_from` workdir, its step and checksums."""
+    digest = f"{Path(workdir).absolute()}:{meta['step']}:{meta.get('checksums', {})}"
+    return hashlib.sha256(digest.encode()).hexdigest()
+
+
+def lora_base(meta: dict, where: str) -> tuple[dict, str]:
+    """(dense base params, start digest) of a LoRA checkpoint's `lora.base` pointer, on the
+    default device; a base whose checkpoint changed since the run started is refused."""
+    base = meta["lora"]["base"]
+    cfg = _config_of(meta, where)
+    if "seed" in base:
+        return jax.jit(ModelDef.from_config(cfg).init, static_argnums=0)(base["seed"]), f"seed:{base['seed']}"
+    loaded = load_params(base["init_from"], base["step"])
+    digest = start_digest(base["init_from"], read_meta(base["init_from"], base["step"]))
+    if meta.get("start_digest") and digest != meta["start_digest"]:
+        raise CheckpointError(f"{where}: its LoRA base {base['init_from']} step {base['step']} "
+                              f"has changed since the adapters were trained (checksums differ)")
+    return loaded.params, digest
+
+
 def load_params(workdir: str | Path, step: int | None = None) -> LoadedParams:
     """A workdir's checkpoint params on the default device, without building a model (one
     copy of the weights in memory), verified against their checksums. `step=None` takes the
-    newest step that reads back. Per-layer checkpoints from before stacking convert here."""
+    newest step that reads back. Per-layer checkpoints from before stacking convert here. A
+    LoRA run's params are its base (from the meta's pointer, quantized as in training) with the
+    adapters merged in; `adapters` and `lora` hold them as trained."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def read(manager, candidate):
         meta = _restore_meta(manager, candidate)
         cfg = _config_of(meta, f"checkpoint step {candidate} under {manager.directory}")
         tree = _state_tree(manager, candidate)
+        tuning = Tuning.from_meta(meta)
         if is_per_layer(tree["params"]):
             target = {"params": jax.tree.map(_restore_target, tree["params"])}
         else:
-            abstract = ModelDef.from_config(cfg).abstract_params
+            model_def = ModelDef.from_config(cfg)
+            abstract = (jax.eval_shape(lambda: tuning.fresh_trainable(model_def, 0)) if tuning.lora
+                        else model_def.abstract_params)
             target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)}
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
         restored = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -311,7 +342,13 @@ def load_params(workdir: str | Path, step: int | None = None) -> LoadedParams:
         return meta, cfg, _stacked(restored["params"], cfg)
 
     step, (meta, cfg, params) = _with_fallback(workdir, step, read)
-    return LoadedParams(cfg, params, step, tokenizer_of(workdir, meta))
+    tuning = Tuning.from_meta(meta)
+    if tuning.lora is None:
+        return LoadedParams(cfg, params, step, tokenizer_of(workdir, meta))
+    model_def = ModelDef.from_config(cfg)
+    base, _ = lora_base(meta, f"checkpoint step {step} under {checkpoint_dir(workdir)}")
+    merged = jax.jit(tuning.model_params)(params, tuning.frozen(model_def, base))
+    return LoadedParams(cfg, merged, step, tokenizer_of(workdir, meta), params, tuning.lora)
 
 
 def _restore_target(leaf) -> jax.ShapeDtypeStruct:
@@ -332,11 +369,12 @@ def _stacked(params: dict, cfg: ModelConfig) -> dict:
 def restore_params(workdir: str | Path, abstract_params: dict, step: int | None = None
                    ) -> tuple[dict, dict]:
     """(params laid out as `abstract_params` (shapes, dtypes, shardings), meta) of a
-    workdir's checkpoint: initialises a later stage from an earlier one, on any mesh."""
+    workdir's checkpoint: initialises a later stage from an earlier one, on any mesh. A LoRA
+    checkpoint starts the next stage from its merged params (base + adapters)."""
 
     def read(manager, candidate):
         meta = _restore_meta(manager, candidate)
-        if is_per_layer(_state_tree(manager, candidate).get("params", {})):
+        if meta.get("lora") or is_per_layer(_state_tree(manager, candidate).get("params", {})):
             return meta, None
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
                                     abstract_params)
@@ -351,7 +389,7 @@ def restore_params(workdir: str | Path, abstract_params: dict, step: int | None 
         return meta, restored["params"]
 
     step, (meta, params) = _with_fallback(workdir, step, read)
-    if params is None:  # per-layer layout: convert on the host, then place on the mesh
+    if params is None:  # per-layer layout or LoRA: load on the host, then place on the mesh
         params = jax.device_put(load_params(workdir, step).params,
                                 jax.tree.map(lambda a: a.sharding, abstract_params))
     return params, meta

@@ -10,7 +10,6 @@ exactly the batches and losses of an uninterrupted one. The loop names no stage:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -29,13 +28,16 @@ from shakti_jax.evaluation.suite import Runner, parse_tasks, prepare
 from shakti_jax.model import ModelDef
 from shakti_jax.model_stats import summary
 from shakti_jax.sharding import make_mesh
+from shakti_jax.lora import count_params
+from shakti_jax.quant_base import nbytes
 from shakti_jax.train.checkpoint import (CheckpointError, Checkpointer, newest_meta, read_meta, restore_params,
-                                         tokenizer_of)
+                                         start_digest, tokenizer_of)
 from shakti_jax.train.metrics import MetricsLogger, peak_flops_per_device
 from shakti_jax.train.optimizer import make_optimizer
 from shakti_jax.train.state import TrainState
 from shakti_jax.train.step import BuiltStep, build_step
 from shakti_jax.train.tasks import PrepareContext, make_task
+from shakti_jax.train.tuning import Tuning
 from shakti_jax.train.workdir import WorkdirLock, check_config_change, prepare_tokenizer, workdir_tokenizer
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -154,6 +156,7 @@ class Trainer:
         self.optimizer = make_optimizer(config.optim, config.train.steps)
         self.is_main = jax.process_index() == 0
         self.model_def = ModelDef.from_config(self.model_config)
+        self.tuning = Tuning.from_config(config)
         self.eval_tasks = task_runners(config)
 
     def _init_model(self) -> dict | None:
@@ -187,17 +190,18 @@ class Trainer:
                          json.dumps(self.config.to_dict(), indent=2, default=str).encode())
         self.skipped = SkippedRecords()
         self.task = self._make_task()
+        frozen, self.base_pointer, self.base_digest = self._frozen_base()
         step = build_step(self.task, self.model_def, self.optimizer, self.mesh,
                           batch_size=train.batch_size, micro_batches=train.micro_batches,
-                          seed=train.seed)
+                          seed=train.seed, tuning=self.tuning, frozen=frozen)
         self._log(step.memory_line())
         data = DataState(self._train_iterator(), self.skipped)
         checkpointer = Checkpointer(self.workdir, keep=train.keep_checkpoints,
                                     async_save=train.async_checkpoints)
         try:
             state, start_digest = self._restore_or_init(checkpointer, step, data)
-            self.task.prepare(PrepareContext(self.model_def, state.params, self.workdir,
-                                             start_digest, self._log))
+            self.task.prepare(PrepareContext(self.model_def, step.model_params(state.params),
+                                             self.workdir, start_digest, self._log))
             return self._loop(state, step, data, checkpointer, start_digest)
         finally:
             checkpointer.wait()
@@ -217,6 +221,29 @@ class Trainer:
                                            self.model_config.vocab_size)
         return make_task(self.config, self.tokenizer, self.skipped, self.model_config)
 
+    def _frozen_base(self) -> tuple[dict, dict, str]:
+        """A LoRA run's frozen base (the step's frozen argument), its pointer for the checkpoint
+        meta and its start digest; `({}, {}, "")` for full fine-tuning."""
+        if self.tuning.lora is None:
+            return {}, {}, ""
+        train = self.config.train
+        param_sh = self.model_def.param_shardings(self.mesh)
+        if train.get("init_from"):
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    self.model_def.abstract_params, param_sh)
+            base, meta = restore_params(train.init_from, abstract, train.get("init_from_step") or None)
+            pointer = {"init_from": str(Path(train.init_from).absolute()), "step": meta["step"]}
+            digest = start_digest(train.init_from, meta)
+        else:
+            base = jax.jit(self.model_def.init, static_argnums=0, out_shardings=param_sh)(train.seed)
+            pointer, digest = {"seed": train.seed}, f"seed:{train.seed}"
+        frozen = self.tuning.frozen(self.model_def, base, self.mesh)
+        lora = self.tuning.lora
+        adapters = count_params(jax.eval_shape(lambda: self.tuning.fresh_trainable(self.model_def, 0)))
+        self._log(f"LoRA on {','.join(lora.targets)} (rank {lora.rank}, alpha {lora.alpha:g}): "
+                  f"{adapters:,} trainable params; frozen {nbytes(frozen)}")
+        return frozen, pointer, digest
+
     def _restore_or_init(self, checkpointer: Checkpointer, step: BuiltStep, data: DataState
                          ) -> tuple[TrainState, str]:
         restored = checkpointer.restore_latest(step.abstract_state, data,
@@ -224,16 +251,21 @@ class Trainer:
         seed, init_from = self.config.train.seed, self.config.train.get("init_from", "")
         if restored is not None:
             at, state, meta = restored
+            if self.tuning.lora and meta.get("start_digest") != self.base_digest:
+                raise CheckpointError(f"{self.workdir}: the LoRA base (train.init_from={init_from!r}) "
+                                      f"is not the checkpoint these adapters were trained on; "
+                                      f"resume with the same base or use a new workdir")
             self._log(f"resuming from checkpoint step {at}")
             return state, meta.get("start_digest", "")
         data.iterator = self._train_iterator()  # failed restores may have moved the old one
         self.skipped.set_state(SkippedRecords().get_state())  # nor the counts
+        if self.tuning.lora:  # fresh adapters over the base `_frozen_base` loaded
+            return step.init(None), self.base_digest
         if init_from:
             at = self.config.train.get("init_from_step") or None
             params, meta = restore_params(init_from, step.abstract_state.params, at)
             self._log(f"initialised from {init_from} (step {meta['step']})")
-            digest = f"{Path(init_from).absolute()}:{meta['step']}:{meta.get('checksums', {})}"
-            return step.init(params), hashlib.sha256(digest.encode()).hexdigest()
+            return step.init(params), start_digest(init_from, meta)
         return step.init(None), f"seed:{seed}"
 
     def _loop(self, state: TrainState, step: BuiltStep, data: DataState,
@@ -244,12 +276,13 @@ class Trainer:
         peak, peak_source = peak_flops_per_device(self.model_config.dtype)
         self._log(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
         meta = {"model": self.model_config.to_dict(), "tokenizer": workdir_tokenizer(self.workdir).name,
-                "experiment": config.to_dict(), "start_digest": start_digest}
+                "experiment": config.to_dict(), "start_digest": start_digest,
+                **self.tuning.meta(self.base_pointer)}
         tokens_per_step = train.batch_size * self.task.rows_per_example * config.data.seq_len
         logger = MetricsLogger(self.workdir, resume_step=start, enabled=self.is_main)
         per_host = train.batch_size // jax.process_count()
         held_out = self.task.eval_datasets(per_host, jax.process_index(), jax.process_count())
-        scorer = JaxBackend(self.model_def, state.params, batch_size=16)
+        scorer = JaxBackend(self.model_def, None, batch_size=16)
         has_eval = bool(held_out) or bool(self.eval_tasks)
         if not held_out:
             self._log("no held-out data (data.holdout_every=0 and no data.eval_sources): "
@@ -313,8 +346,10 @@ class Trainer:
         dataset (sums over every process's batches, on device): overall, and per source as
         `eval_loss/NAME` when there are several; then `train.eval_tasks` scored on the current
         params (the same requests and metrics as `python -m shakti_jax.eval`)."""
-        scorer.params = state.params
-        row = task_metrics(self.eval_tasks, scorer, self.tokenizer)
+        row = {}
+        if self.eval_tasks:
+            scorer.params = step.model_params(state.params)
+            row = task_metrics(self.eval_tasks, scorer, self.tokenizer)
         totals: dict[str, float] = {}
         count = 0.0
         for name, dataset in datasets.items():

@@ -39,7 +39,7 @@ ALWAYS_CHANGEABLE = ("train.progress_bar", "train.log_every", "train.eval_every"
 NEVER_CHANGEABLE = ("stage", "model.vocab_size", "model.num_layers", "model.d_model",
                     "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.ffn_dim",
                     "model.mlp", "model.norm", "model.tie_embeddings", "model.attention_pattern",
-                    "model.param_dtype", "dpo.reference")
+                    "model.param_dtype", "dpo.reference", "lora")
 
 
 class WorkdirBusy(ConfigError):
