@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct domain fine-tunes with QLoRA over its Q4_0 base (a script, not a test).
 
-    python -m benchmarks.domain_qlora [--workdir domain_qlora] [--steps 40]
+    python -m benchmarks.domain_qlora [--workdir domain_qlora] [--steps 25]
                                       [--domains healthcare finance legal] [--pubmedqa 100]
 
 1. the SmolLM2 GGUF imported once as a workdir (the dense base),
@@ -8,10 +8,12 @@
    projections, the frozen base held as the Q4_0 blocks `convert --quant q4_0` writes): the
    held-out answer loss at step 0 and after `--steps` steps; for healthcare also PubMedQA
    accuracy (the evaluation harness, first `--pubmedqa` items) before and after,
-3. for the first domain, the base exported as Q4_0 GGUF and the adapters as a LoRA GGUF, run
-   together in llama.cpp on a held-out prompt: max |logit diff| vs the JAX model, and vs the
-   numpy reference of the two files with llama.cpp's Q8_0 activation rounding
-   (`tests/gguf_reference.py`), which separates the runtime's rounding from any layout error.
+3. for the first domain, the base exported as Q4_0 GGUF and the adapters as a LoRA GGUF on a
+   held-out item: the two files run by the numpy float64 forward (`tests/gguf_reference.py`)
+   vs the JAX model (are the files the trained model?), and llama.cpp running them vs the
+   JAX model, next to llama.cpp on the base file alone vs the JAX Q4_0 base (how far
+   llama.cpp's own quantized arithmetic, which rounds activations to 8 bits, moves SmolLM2
+   with no adapter involved).
 Reads ../shared/data; prints the numbers recorded in docs/benchmarks.md.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +46,7 @@ def finetune(base: Path, domain: str, workdir: Path, steps: int, batch: int, seq
                         log_every=max(1, steps // 4), checkpoint_every=steps, eval_batches=4,
                         progress_bar=False)
     config.data.seq_len = seq_len
+    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 4)
     start = time.perf_counter()
     Trainer(config, workdir).run()
     rows = [r for r in read_metrics(workdir) if "eval_loss" in r]
@@ -59,45 +63,61 @@ def pubmedqa_accuracy(model: Path, items: int, out: Path) -> float:
     return next(iter(task.values()))["acc"]
 
 
-def llama_cpp_agreement(base: Path, adapters: Path, root: Path) -> dict:
-    """llama.cpp running the Q4_0 base + adapter GGUFs vs the JAX model and the numpy reference."""
+def _llama_cpp_logits(model: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
     import llama_cpp
 
-    from tests.gguf_reference import GGUFModel
-
-    for args in (["--checkpoint", str(base), "--format", "gguf", "--quant", "q4_0",
-                  "--out", str(root / "base-q4_0.gguf")],
-                 ["--checkpoint", str(adapters), "--format", "lora", "--out", str(root / "adapter.gguf")]):
-        subprocess.run([sys.executable, "-m", "shakti_jax.convert", "--no_progress", *args],
-                       check=True, capture_output=True)
-    loaded = load_params(adapters)
-    tok = Tokenizer.load(loaded.tokenizer_path)
-    record = json.loads((SHARED / "domain" / "pubmedqa_pqal.json").read_text())
-    question = list(record.values())[9]["QUESTION"]  # every 10th record is held out: index 9
-    ids = tok.encode(question)[:64]
-    logits_jax = np.asarray(loaded.model_def.apply(loaded.params, np.asarray([ids], np.int32)))[0]
-    llm = llama_cpp.Llama(model_path=str(root / "base-q4_0.gguf"), lora_path=str(root / "adapter.gguf"),
-                          n_ctx=128, n_batch=128, n_ubatch=128, n_threads=2, logits_all=True,
+    llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None,
+                          n_ctx=256, n_batch=256, n_ubatch=256, n_threads=2, logits_all=True,
                           type_k=0, type_v=0, flash_attn=False, verbose=False)
     llm.eval(ids)
-    logits_llama = np.array(llm.scores[:len(ids)], np.float64)
+    logits = np.array(llm.scores[:len(ids)], np.float64)
     llm.close()
-    reference = GGUFModel(root / "base-q4_0.gguf", adapter=root / "adapter.gguf")
-    return {"tokens": len(ids), "llama_vs_jax": float(np.abs(logits_llama - logits_jax).max()),
-            "llama_vs_reference": float(np.abs(reference.logits(ids) - logits_llama).max()),
-            "files_vs_jax": float(np.abs(reference.logits(ids, round_activations=False) - logits_jax).max()),
-            "top1_agree": float(np.mean(logits_llama.argmax(-1) == logits_jax.argmax(-1))),
-            "adapter_bytes": (root / "adapter.gguf").stat().st_size,
-            "base_bytes": (root / "base-q4_0.gguf").stat().st_size}
+    return logits
+
+
+def _agreement(a_TV: np.ndarray, b_TV: np.ndarray) -> dict:
+    """max |logit diff|, mean KL(a || b) of the next-token distributions, top-1 agreement."""
+    logp_a = a_TV - np.logaddexp.reduce(a_TV, axis=-1, keepdims=True)
+    logp_b = b_TV - np.logaddexp.reduce(b_TV, axis=-1, keepdims=True)
+    return {"max_diff": float(np.abs(a_TV - b_TV).max()),
+            "kl": float(np.mean(np.sum(np.exp(logp_a) * (logp_a - logp_b), axis=-1))),
+            "top1": float(np.mean(a_TV.argmax(-1) == b_TV.argmax(-1)))}
+
+
+def llama_cpp_agreement(base: Path, adapters: Path, root: Path) -> dict:
+    """The Q4_0 base + adapter GGUFs: the files vs the JAX model (numpy reference over the
+    files, float math), and llama.cpp running them vs the JAX model, next to llama.cpp on the
+    base alone vs the JAX base (the runtime's own Q4_0 arithmetic, adapter-free)."""
+    from shakti_jax.quant_base import dequantize_params, quantize_params
+    from tests.gguf_reference import GGUFModel
+
+    base_file, adapter_file = root / "base-q4_0.gguf", root / "adapter.gguf"
+    for args in (["--checkpoint", str(base), "--format", "gguf", "--quant", "q4_0", "--out", str(base_file)],
+                 ["--checkpoint", str(adapters), "--format", "lora", "--out", str(adapter_file)]):
+        subprocess.run([sys.executable, "-m", "shakti_jax.convert", "--no_progress", *args],
+                       check=True, capture_output=True)
+    tuned, dense = load_params(adapters), load_params(base)
+    tok = Tokenizer.load(tuned.tokenizer_path)
+    record = list(json.loads((SHARED / "domain" / "pubmedqa_pqal.json").read_text()).values())[9]
+    ids = tok.encode(record["QUESTION"] + "\n" + record["CONTEXTS"][0])[:128]  # a held-out item
+    apply = lambda loaded, params: np.asarray(loaded.model_def.apply(params, np.asarray([ids], np.int32)))[0]  # noqa: E731
+    tuned_jax = apply(tuned, tuned.params)
+    base_jax = apply(dense, dequantize_params(quantize_params(dense.config, dense.params, "q4_0")))
+    reference = GGUFModel(base_file, adapter=adapter_file).logits(ids, round_activations=False)
+    return {"tokens": len(ids),
+            "files_vs_jax": float(np.abs(reference - tuned_jax).max()),
+            "tuned": _agreement(tuned_jax, _llama_cpp_logits(base_file, ids, adapter_file)),
+            "base": _agreement(base_jax, _llama_cpp_logits(base_file, ids)),
+            "adapter_bytes": adapter_file.stat().st_size, "base_bytes": base_file.stat().st_size}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="domain_qlora")
     parser.add_argument("--domains", nargs="+", default=["healthcare", "finance", "legal"])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--seq_len", type=int, default=384)
     parser.add_argument("--pubmedqa", type=int, default=100, help="PubMedQA items scored (0: skip)")
     args = parser.parse_args()
     root = Path(args.workdir)
@@ -109,6 +129,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for domain in args.domains:
         workdir = root / f"{domain}-qlora"
+        shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time (the import is reused)
         result = finetune(base, domain, workdir, args.steps, args.batch, args.seq_len)
         metric = "-"
         if domain == "healthcare" and args.pubmedqa:
@@ -118,13 +139,16 @@ def main() -> None:
         print(f"| {domain} | {result['before']:.3f} -> {result['after']:.3f} | "
               f"{result['step_time']:.2f} s | {metric} |", flush=True)
     first = root / f"{args.domains[0]}-qlora"
-    agreement = llama_cpp_agreement(base, first, root)
-    print(f"\n{args.domains[0]} adapters in llama.cpp over the Q4_0 base ({agreement['tokens']} tokens): "
-          f"max |logit diff| vs JAX {agreement['llama_vs_jax']:.2e} (top-1 agreement "
-          f"{agreement['top1_agree']:.3f}); vs the numpy reference of the two files with "
-          f"llama.cpp's activation rounding {agreement['llama_vs_reference']:.2e}; files vs JAX "
-          f"without rounding {agreement['files_vs_jax']:.2e}; adapter {agreement['adapter_bytes'] / 2**20:.1f} "
-          f"MiB next to a {agreement['base_bytes'] / 2**20:.1f} MiB base")
+    a = llama_cpp_agreement(base, first, root)
+    print(f"\n{args.domains[0]} adapter ({a['adapter_bytes'] / 2**20:.1f} MiB) over the Q4_0 base "
+          f"({a['base_bytes'] / 2**20:.1f} MiB), {a['tokens']} held-out tokens: the two files (numpy "
+          f"float64 forward) vs the JAX model: max |logit diff| {a['files_vs_jax']:.2e}\n")
+    print("| llama.cpp running | vs JAX | max abs logit diff | mean KL | top-1 agreement |")
+    print("|---|---|---|---|---|")
+    for name, what, jax_side in (("base", "base-q4_0.gguf", "the Q4_0 base"),
+                                 ("tuned", "base-q4_0.gguf + adapter.gguf", "the QLoRA model")):
+        r = a[name]
+        print(f"| {what} | {jax_side} | {r['max_diff']:.3f} | {r['kl']:.2e} | {r['top1']:.3f} |")
 
 
 if __name__ == "__main__":

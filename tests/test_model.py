@@ -122,3 +122,15 @@ def test_tied_and_untied_heads(tie):
     model_def, params = _model(tie_embeddings=tie)
     assert ("lm_head" not in params) == tie
     assert model_def.apply(params, jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 512)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_at_chosen_indices_are_the_full_logits_there(tie):
+    """The scorer's head-only-where-scored path: the same numbers as gathering full logits."""
+    model_def, params = _model(tie_embeddings=tie)
+    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 512)
+    at_BK = jnp.array([[20, 21, 22, 23], [3, 4, 4, 4]])
+    full = model_def.apply(params, tokens)
+    some = model_def.apply(params, tokens, logits_at_BK=at_BK)
+    assert some.shape == (2, 4, 512)
+    np.testing.assert_allclose(some, jnp.take_along_axis(full, at_BK[..., None], axis=1), rtol=0, atol=1e-5)

@@ -64,10 +64,13 @@ class JaxBackend:
         def log_probs(params, tokens_BT):
             return jax.nn.log_softmax(model_def.apply(params, tokens_BT).astype(jnp.float32), axis=-1)
 
-        def scorer(params, tokens_BT, targets_BT):
-            logp_BTV = log_probs(params, tokens_BT)
-            picked = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-            return picked, jnp.argmax(logp_BTV, axis=-1) == targets_BT
+        def scorer(params, tokens_BT, at_BK, targets_BK):
+            """Log-probs and greedy hits of `targets_BK` at the input indices `at_BK` only: the
+            LM head and log-softmax skip the context positions nobody scores."""
+            logits_BKV = model_def.apply(params, tokens_BT, logits_at_BK=at_BK)
+            logp_BKV = jax.nn.log_softmax(logits_BKV.astype(jnp.float32), axis=-1)
+            picked = jnp.take_along_axis(logp_BKV, targets_BK[..., None], axis=-1)[..., 0]
+            return picked, jnp.argmax(logp_BKV, axis=-1) == targets_BK
 
         self._scorer, self._log_probs = jax.jit(scorer), jax.jit(log_probs)
 
@@ -98,10 +101,17 @@ class JaxBackend:
     def score(self, requests: Sequence[Request], progress: Progress = None) -> list[Score]:
         scores: list[Score | None] = [None] * len(requests)
         for chunk, tokens, targets in self._batches(requests, ordered=False):
-            picked, greedy = jax.device_get(self._scorer(self.params, tokens, targets))
-            for row, (i, length, n) in enumerate(chunk):
-                scores[i] = Score(float(np.sum(picked[row, length - n:length], dtype=np.float64)),
-                                  bool(greedy[row, length - n:length].all()))
+            # the scored positions of each row, left-aligned and padded by repeating the last
+            # one; K is a power of two (at least 8) so few shapes compile
+            K = min(tokens.shape[1], max(8, 1 << (max(n for _, _, n in chunk) - 1).bit_length()))
+            at = np.zeros((tokens.shape[0], K), np.int32)
+            for row, (_, length, n) in enumerate(chunk):
+                at[row] = np.minimum(np.arange(length - n, length - n + K), length - 1)
+            picked, greedy = jax.device_get(self._scorer(self.params, tokens, at,
+                                                         np.take_along_axis(targets, at, axis=1)))
+            for row, (i, _, n) in enumerate(chunk):
+                scores[i] = Score(float(np.sum(picked[row, :n], dtype=np.float64)),
+                                  bool(greedy[row, :n].all()))
             if progress:
                 progress(len(chunk))
         return scores

@@ -61,6 +61,8 @@ class ModelDef:
 
     def apply(self, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
               segment_ids_BT: jax.Array | None = None, *,
-              dropout_key: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, V]; dropout only with a key."""
-        return self.bind(params)(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key)
+              dropout_key: jax.Array | None = None, logits_at_BK: jax.Array | None = None
+              ) -> jax.Array:
+        """Logits [B, T, V], or [B, K, V] at the indices `logits_at_BK`; dropout only with a key."""
+        return self.bind(params)(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key,
+                                 logits_at_BK=logits_at_BK)

@@ -129,8 +129,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None, *,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, V] for whole sequences (training, scoring, the no-cache reference).
+                 dropout_key: jax.Array | None = None, logits_at_BK: jax.Array | None = None
+                 ) -> jax.Array:
+        """Logits [B, T, V] for whole sequences (training, scoring, the no-cache reference),
+        or [B, K, V] at the sequence indices `logits_at_BK` only (the head skips the rest).
         Dropout is on only when `dropout_key` is given (each layer folds in its index)."""
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -146,6 +148,8 @@ class Transformer(nnx.Module):
             keys = [jax.random.split(jax.random.fold_in(dropout_key, g), group.repeats)
                     for g, group in enumerate(self.groups)]
         x_BTD, _ = self._run(period, self._embed(tokens_BT), keys, remat=self.cfg.remat)
+        if logits_at_BK is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
         return self._logits(x_BTD)
 
     def prefill(self, tokens_BT: jax.Array, lengths_B: jax.Array, caches: Caches):
