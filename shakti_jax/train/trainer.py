@@ -25,11 +25,11 @@ from data_pipelines.pipeline import SkippedRecords, first_batches
 from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.evaluation.backends import JaxBackend
 from shakti_jax.evaluation.suite import Runner, parse_tasks, prepare
+from shakti_jax.lora import count_params
 from shakti_jax.model import ModelDef
 from shakti_jax.model_stats import summary
-from shakti_jax.sharding import make_mesh
-from shakti_jax.lora import count_params
 from shakti_jax.quant_base import nbytes
+from shakti_jax.sharding import make_mesh
 from shakti_jax.train.checkpoint import (CheckpointError, Checkpointer, newest_meta, read_meta, restore_params,
                                          start_digest, tokenizer_of)
 from shakti_jax.train.metrics import MetricsLogger, peak_flops_per_device
