@@ -70,11 +70,18 @@ def test_jax_and_llama_cpp_agree_per_request_on_smollm(smollm, shared_data, tmp_
     [result] = convert(plan([smollm], "gguf", ["f32"], tmp_path / "m.gguf"), "gguf", progress=False)
     text = (shared_data / "pretrain" / "wikitext2_valid.txt").read_text()[:3000]
     requests = perplexity_requests(tok, [text], 128)
+    # choices of one context, apart in request order: llama.cpp evaluates their shared prefix once
+    question = (tok.eos_id, *tok.encode(text[:200] + "\nQuestion: what is this text about? Answer:"))
+    choices = [Request(question, tuple(tok.encode(c))) for c in (" a road", " a football season", " a song")]
+    requests = choices[:1] + requests + choices[1:]
     requests += [Request((tok.eos_id, *tok.encode("The capital of France is")), tuple(tok.encode(" Paris"))),
                  Request((tok.eos_id, *tok.encode("The capital of France is")), tuple(tok.encode(" a banana")))]
     jax_backend = JaxBackend(loaded.model_def, loaded.params, max_len=128)
     llama_backend = LlamaCppBackend(result.job.out, max_len=128)
+    evaluated, eval_tokens = [], llama_backend.llm.eval
+    llama_backend.llm.eval = lambda tokens: (evaluated.append(len(tokens)), eval_tokens(tokens))
     ours, theirs = jax_backend.score(requests), llama_backend.score(requests)
+    assert sum(evaluated) <= sum(len(r.tokens) - 1 for r in requests) - 2 * (len(question) - 1)
     for a, b in zip(ours, theirs):
         assert abs(a.logprob - b.logprob) < 1e-3, (a, b)
         assert a.greedy == b.greedy

@@ -153,10 +153,13 @@ class _OneByOne:
             yield _log_softmax(self._logits(inputs, n)).astype(np.float32)
 
     def score(self, requests: Sequence[Request], progress: Progress = None) -> list[Score]:
-        scores = []
-        for request in requests:
-            inputs, n = fit(request, self.max_len)
-            scores.append(_score_of(_log_softmax(self._logits(inputs, n)), request.continuation))
+        """Requests in token order, so the choices of one item (one context, several
+        continuations) come one after another and a runtime can keep their common prefix."""
+        fitted = [fit(r, self.max_len) for r in requests]
+        scores: list[Score | None] = [None] * len(requests)
+        for i in sorted(range(len(requests)), key=lambda i: fitted[i][0]):
+            inputs, n = fitted[i]
+            scores[i] = _score_of(_log_softmax(self._logits(inputs, n)), requests[i].continuation)
             if progress:
                 progress(1)
         return scores
@@ -173,8 +176,13 @@ class LlamaCppBackend(_OneByOne):
         self.llm = llama_runtime.load(path, n_ctx=max_len + 1, n_threads=n_threads, type_k=0, type_v=0)
 
     def _logits(self, inputs: list[int], n: int) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(inputs)
+        """The KV cache of the longest prefix shared with the previous input is kept (as
+        llama.cpp's own prompt cache does), only the rest is evaluated."""
+        cached = self.llm.input_ids[:self.llm.n_tokens]
+        keep = min(len(inputs) - 1, len(cached))
+        differs = np.flatnonzero(cached[:keep] != np.asarray(inputs[:keep]))
+        self.llm.n_tokens = int(differs[0]) if differs.size else keep
+        self.llm.eval(inputs[self.llm.n_tokens:])
         return np.array(self.llm.scores[len(inputs) - n:len(inputs)])
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
