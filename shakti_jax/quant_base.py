@@ -68,9 +68,6 @@ _FIELDS: dict[str, dict[str, tuple[int, int]]] = {
 }
 _FIELD_DTYPES = {"d": np.dtype("<f2"), "m": np.dtype("<f2"), "qh": np.dtype("<u4")}
 BLOCK_TYPES = tuple(_FIELDS)
-# quant names `quantize_params` accepts: the exporter's block types, plus Q4_1, which the
-# exporter does not write but gguf-py quantizes (the same `gguf.quants.quantize`).
-_EXTRA_QUANTS = {"q4_1": QuantType("q4_1", Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
 
 
 @jax.tree_util.register_dataclass
@@ -193,7 +190,7 @@ class _Slot:
     rope_heads: int = 0
 
 
-def _slots(cfg: ModelConfig) -> list[_Slot]:
+def tensor_slots(cfg: ModelConfig) -> list[_Slot]:
     """Every param of `cfg` with its GGUF tensor(s), in the params' layout."""
     abstract = ModelDef.from_config(cfg).abstract_params
     slots = [_Slot(("embedding",), ("token_embd.weight",), False, False),
@@ -250,7 +247,7 @@ def _config(model_def_or_cfg: ModelDef | ModelConfig) -> ModelConfig:
 
 
 def _quant(name: str) -> QuantType:
-    q = _EXTRA_QUANTS.get(name.lower()) or quant_type(name)
+    q = quant_type(name)
     if q.tensor_type is None or q.tensor_type.name not in _FIELDS:
         raise ExportError(f"quant {name!r}: a quantized base holds {', '.join(BLOCK_TYPES)} blocks "
                           f"(choose q8_0, q5_0, q4_0 or q4_1)")
@@ -261,8 +258,7 @@ def _quant(name: str) -> QuantType:
 
 def quantize_params(model_def_or_cfg: ModelDef | ModelConfig, params: dict, quant: str = "q4_0") -> dict:
     """`params` with every tensor the GGUF exporter quantizes as a `QuantizedTensor` of `quant`
-    (q8_0, q5_0, q4_0: the bytes `write_gguf` writes for it; q4_1: gguf-py's Q4_1 of the same
-    canonical tensor). Norms and biases stay the arrays they are.
+    (q8_0, q5_0, q4_0, q4_1: the bytes `write_gguf` writes for it). Norms and biases stay the arrays they are.
 
     Raises ExportError (as the exporter does) for a model the canonical form cannot describe,
     NaN/Inf weights, or rows that are not whole blocks.
@@ -274,7 +270,7 @@ def quantize_params(model_def_or_cfg: ModelDef | ModelConfig, params: dict, quan
     check_finite(tensors, params)
     canon = {t.name: t for t in tensors}
     replacements = {}
-    for slot in _slots(cfg):
+    for slot in tensor_slots(cfg):
         ts = [canon[name] for name in slot.names]
         qtype = _tensor_type(ts[0], q)  # the exporter's rule: matrices get the quant, vectors F32
         if qtype.name not in _FIELDS:
@@ -316,7 +312,7 @@ def from_gguf(path: str | Path, model_def: ModelDef | None = None) -> dict:
     dtype = NUMPY_DTYPES[cfg.param_dtype]
     abstract = ModelDef.from_config(cfg).abstract_params
     out = {}
-    for slot in _slots(cfg):
+    for slot in tensor_slots(cfg):
         leaf = _get(abstract, slot.path)
         types = {tensors[name].tensor_type.name for name in slot.names}
         (qtype,) = types if len(types) == 1 else (None,)

@@ -28,7 +28,7 @@ from shakti_jax.quant_base import (BLOCK_TYPES, QuantizedTensor, dequantize, deq
 Q = gguf.GGMLQuantizationType
 # 4 layers of (window, global): one group of 2 slots x 2 stacked repeats; untied output; q/k/v biases
 CFG = get_config("tiny").replace(name="qbase-test", num_layers=4, tie_embeddings=False, attention_bias=True)
-EXPORTED = ("q8_0", "q4_0", "q5_0")  # the exporter's block types
+EXPORTED = ("q8_0", "q4_0", "q5_0")  # exported and checked against llama.cpp below (q4_1: gguf-py only)
 
 
 def bits(x) -> np.ndarray:

@@ -1,6 +1,6 @@
 """GGUF files for llama.cpp from the canonical form, streamed tensor by tensor.
 
-F32/F16/BF16/Q8_0/Q5_0/Q4_0 come from the `gguf` package (byte-identical to ggml's own
+F32/F16/BF16/Q8_0/Q5_0/Q4_0/Q4_1 come from the `gguf` package (byte-identical to ggml's own
 quantizers); K-quants (Q4_K_M, Q5_K_M, Q6_K) from llama.cpp's quantizer via the optional
 `edge` extra (llama-cpp-python), run on an F32 file written first. Norms stay F32.
 
@@ -46,6 +46,7 @@ QUANT_TYPES = {q.name: q for q in (
     QuantType("q8_0", Q.Q8_0, FT.MOSTLY_Q8_0),
     QuantType("q5_0", Q.Q5_0, FT.MOSTLY_Q5_0),
     QuantType("q4_0", Q.Q4_0, FT.MOSTLY_Q4_0),
+    QuantType("q4_1", Q.Q4_1, FT.MOSTLY_Q4_1),
     QuantType("q4_k_m", None, FT.MOSTLY_Q4_K_M, fallback=Q.Q5_0),  # and Q8_0 for its Q6_K tensors
     QuantType("q5_k_m", None, FT.MOSTLY_Q5_K_M, fallback=Q.Q5_1),  # and Q8_0 for its Q6_K tensors
     QuantType("q6_k", None, FT.MOSTLY_Q6_K, fallback=Q.Q8_0),

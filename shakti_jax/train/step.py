@@ -47,7 +47,7 @@ def make_train_step(objective: Objective, optimizer: Optimizer, *, micro_batches
     """The pure step; dropout keys are fold_in(seed, step), independent of where a run resumed."""
     tx, schedule = optimizer.tx, optimizer.schedule
     base_key = jax.random.key(seed + 1)
-    grad_sums = jax.grad(lambda p, f, t, mb, k: _with_aux(objective(tuning.model_params(p, f), t, mb, k)),
+    grad_sums = jax.grad(lambda p, f, t, mb, k, step: _with_aux(objective(tuning.model_params(p, f, step), t, mb, k)),
                          has_aux=True)
 
     def step(state: TrainState, frozen: dict, batch: Batch):
@@ -57,11 +57,11 @@ def make_train_step(objective: Objective, optimizer: Optimizer, *, micro_batches
 
         def accumulate(carry, xs):
             mb, i = xs
-            g, aux = grad_sums(params, frozen, task_state, mb, jax.random.fold_in(key, i))
+            g, aux = grad_sums(params, frozen, task_state, mb, jax.random.fold_in(key, i), state.step)
             return jax.tree.map(jnp.add, carry, (g, aux)), None
 
         _, aux_shape = jax.eval_shape(grad_sums, params, frozen, task_state,
-                                      jax.tree.map(lambda x: x[0], mbs), key)
+                                      jax.tree.map(lambda x: x[0], mbs), key, state.step)
         zero = jax.tree.map(jnp.zeros_like, (params, aux_shape))
         (g_sum, (sums, count)), _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(micro_batches)))
         denom = jnp.maximum(count, 1.0)
@@ -83,6 +83,8 @@ def make_train_step(objective: Objective, optimizer: Optimizer, *, micro_batches
                                       state.first_nonfinite))
         metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), count=count,
                        param_norm=jnp.where(finite, new_param_norm, optax.tree.norm(params)))
+        if tuning.qat is not None:  # how far the weights the model ran are from their latent values
+            metrics["qat_error"] = tuning.qat.relative_error(tuning.latent_params(params, frozen))
         return new_state, metrics
 
     return step
@@ -110,7 +112,7 @@ class BuiltStep:
 
     compiled: Any  # compiled (state, frozen, batch) -> (state, metrics), state donated
     jitted_eval: Any  # jitted (params, frozen, task_state, batch) -> (sums, count)
-    jitted_model_params: Any  # jitted (params, frozen) -> the params the model runs
+    jitted_model_params: Any  # jitted (params, frozen) -> the params the model runs (QAT on)
     frozen: dict  # the step's frozen argument (a LoRA base; {} otherwise)
     tuning: Tuning
     state_shardings: TrainState
@@ -129,8 +131,11 @@ class BuiltStep:
         return self.jitted_eval(params, self.frozen, task_state, batch)
 
     def model_params(self, params: dict) -> dict:
-        """The params the model runs for the trainable `params` (base + adapters for LoRA)."""
-        return params if self.tuning.lora is None else self.jitted_model_params(params, self.frozen)
+        """The params the model runs for the trainable `params` (base + adapters for LoRA,
+        fake-quantized under QAT)."""
+        if self.tuning.lora is None and self.tuning.qat is None:
+            return params
+        return self.jitted_model_params(params, self.frozen)
 
     def global_batch(self, local: Mapping) -> Batch:
         return batches.global_batch(self.schema, local, self.mesh, self.rules)

@@ -156,7 +156,7 @@ class Trainer:
         self.optimizer = make_optimizer(config.optim, config.train.steps)
         self.is_main = jax.process_index() == 0
         self.model_def = ModelDef.from_config(self.model_config)
-        self.tuning = Tuning.from_config(config)
+        self.tuning = Tuning.from_config(config, self.model_config)
         self.eval_tasks = task_runners(config)
 
     def _init_model(self) -> dict | None:

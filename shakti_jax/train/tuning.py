@@ -15,6 +15,11 @@ Config (`config.lora`, absent or empty `targets`: full fine-tuning):
 quantized once with the GGUF exporter's own path, so it is bit for bit the file
 `convert --quant` writes for the `init_from` checkpoint). A quantized base is replicated
 over the mesh (one device is the use case); a dense one is sharded like the params.
+
+Quantization-aware training (`train.qat`: "" or q8_0 / q5_0 / q4_0 / q4_1, from step
+`train.qat_start`) is the last part of `model_params`: the params the model runs are
+fake-quantized to the GGUF blocks the exporter will write for them (`shakti_jax.qat`), for
+full fine-tuning and LoRA alike (a LoRA run's merged weights are what is exported).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from shakti_jax.config import ConfigError
+from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.lora import LoraConfig, adapter_shardings, init_adapters, merge
 from shakti_jax.model import ModelDef
+from shakti_jax.qat import QAT
 from shakti_jax.quant_base import BLOCK_TYPES, dequantize_params, quantize_params
 from shakti_jax.sharding import DEFAULT_RULES
 
@@ -41,10 +47,17 @@ class Tuning:
 
     lora: LoraConfig | None = None
     base_quant: str = ""
+    qat: QAT | None = None
 
     @classmethod
-    def from_config(cls, config: ConfigDict) -> Tuning:
-        """From `config.lora`; a bad value is a one-line ConfigError naming the key."""
+    def from_config(cls, config: ConfigDict, model_config: ModelConfig | None = None) -> Tuning:
+        """From `config.lora` and `train.qat` (which needs `model_config`); a bad value is a
+        one-line ConfigError naming the key."""
+        qat = _qat(config.get("train") or {}, model_config)
+        return dataclasses.replace(cls._lora_from_config(config), qat=qat)
+
+    @classmethod
+    def _lora_from_config(cls, config: ConfigDict) -> Tuning:
         section = config.get("lora") or {}
         targets = tuple(section.get("targets", ()) or ())
         quant = (section.get("base_quant", "") or "").lower()
@@ -66,11 +79,12 @@ class Tuning:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> Tuning:
         """From a checkpoint meta's `lora` entry (written by `meta`)."""
+        qat = _qat((meta.get("experiment") or {}).get("train") or {}, ModelConfig.from_dict(meta["model"]))
         saved = meta.get("lora")
         if not saved:
-            return cls()
+            return cls(qat=qat)
         return cls(LoraConfig(targets=tuple(saved["targets"]), rank=saved["rank"],
-                              alpha=saved["alpha"]), saved.get("base_quant", ""))
+                              alpha=saved["alpha"]), saved.get("base_quant", ""), qat)
 
     def meta(self, base: Mapping[str, Any]) -> dict[str, Any]:
         """The checkpoint meta entry: the adapters' settings and where the base comes from
@@ -104,13 +118,28 @@ class Tuning:
         blocks = quantize_params(model_def, jax.device_get(base_params), self.base_quant)
         return jax.device_put(blocks, NamedSharding(mesh, PartitionSpec()) if mesh else None)
 
-    def model_params(self, trainable: dict, frozen: dict) -> dict:
+    def model_params(self, trainable: dict, frozen: dict, step: Any = None) -> dict:
         """The params the model runs: the trainable tree itself, or the base with the adapters
-        merged in (pure, jit-able; gradients reach only `trainable`)."""
+        merged in, then fake-quantized under QAT (from `train.qat_start` when `step` is given;
+        always without it). Pure, jit-able; gradients reach only `trainable`."""
+        params = self.latent_params(trainable, frozen)
+        return params if self.qat is None else self.qat.apply(params, step)
+
+    def latent_params(self, trainable: dict, frozen: dict) -> dict:
+        """`model_params` before QAT: what a checkpoint's weights are (and the exporter quantizes)."""
         if self.lora is None:
             return trainable
         base = dequantize_params(frozen) if self.base_quant else frozen
         return merge(base, trainable, self.lora)
+
+
+def _qat(train: Mapping[str, Any], model_config: ModelConfig | None) -> QAT | None:
+    quant = train.get("qat", "") or ""
+    if not quant:
+        return None
+    if model_config is None:
+        raise ValueError("train.qat needs the model config")
+    return QAT.build(quant, model_config, int(train.get("qat_start", 0) or 0))
 
 
 def abstract_of(tree: Any) -> Any:
