@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_throughput [--models tiny shakti_100m] [--seq_len 512]
                                           [--batch 8] [--steps 5] [--dtype float32]
-                                          [--tunings full lora qlora_q4_0]
+                                          [--tunings full lora qlora_q4_0 qat_q4_0]
 
 Random tokens, the same jitted step (AdamW, donation, shardings over a mesh of every local
 device, FSDP) that `python -m shakti_jax.train` runs. Timing excludes compilation and
@@ -14,7 +14,8 @@ the process's maximum resident set.
 `--tunings` compares full fine-tuning with LoRA (rank 16, alpha 32, all seven projections)
 over a dense frozen base and over a GGUF-quantized one (`qlora_<type>`, dequantized in the
 step as in training): the same model, batch and step, one row each, with the frozen base's
-bytes next to its bf16 size.
+bytes next to its bf16 size; `qat_<type>` is full fine-tuning under quantization-aware
+training (every exported matrix fake-quantized in the step, `train.qat`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from shakti_jax.config import ModelConfig, get_config
 from shakti_jax.lora import LoraConfig
 from shakti_jax.model import ModelDef
 from shakti_jax.model_stats import summary
+from shakti_jax.qat import QAT
 from shakti_jax.quant_base import nbytes
 from shakti_jax.sharding import make_mesh
 from shakti_jax.train.metrics import peak_flops_per_device
@@ -43,12 +45,15 @@ from shakti_jax.train.tuning import Tuning
 LORA = LoraConfig(targets=("q", "k", "v", "o", "gate", "up", "down"), rank=16, alpha=32.0)
 
 
-def tuning_named(name: str) -> Tuning:
-    """`full`, `lora` (dense frozen base) or `qlora_<gguf type>`."""
+def tuning_named(name: str, cfg: ModelConfig) -> Tuning:
+    """`full`, `lora` (dense frozen base), `qlora_<gguf type>` or `qat_<gguf type>` (full
+    fine-tuning with fake-quantized weights)."""
     if name == "full":
         return Tuning()
     if name == "lora":
         return Tuning(LORA)
+    if name.startswith("qat_"):
+        return Tuning(qat=QAT.build(name.removeprefix("qat_"), cfg))
     return Tuning(LORA, name.removeprefix("qlora_"))
 
 
@@ -81,7 +86,7 @@ def measure_training(model: str, *, batch: int, seq_len: int, steps: int, dtype:
                      micro_batches: int = 1, tuning: str = "full", **overrides) -> dict:
     """Post-compile throughput of `steps` optimizer steps on random tokens."""
     cfg = get_config(model, dtype=dtype, dropout_rate=0.0, **overrides)
-    built = lm_step(cfg, batch, seq_len, micro_batches, tuning_named(tuning))
+    built = lm_step(cfg, batch, seq_len, micro_batches, tuning_named(tuning, cfg))
     compiled, state = built.compiled, built.init()
     data = built.global_batch(random_batch(cfg, batch, seq_len))
     state, metrics = compiled(state, built.frozen, data)  # warm-up
@@ -118,7 +123,7 @@ def main() -> None:
     parser.add_argument("--micro_batches", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--tunings", nargs="+", default=["full"],
-                        help="full, lora, qlora_q8_0 / qlora_q5_0 / qlora_q4_0 / qlora_q4_1")
+                        help="full, lora, qlora_<type>, qat_<type> (type: q8_0 / q5_0 / q4_0 / q4_1)")
     args = parser.parse_args()
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{platform.processor() or platform.machine()}, jax {jax.__version__}, {args.dtype}, "
@@ -133,7 +138,7 @@ def main() -> None:
             memory = (f"{r['peak_device_bytes'] / 2**30:.2f} GiB device" if r["peak_device_bytes"]
                       else f"{r['step_buffer_bytes'] / 2**30:.2f} GiB step buffers, "
                            f"{r['max_rss_bytes'] / 2**30:.2f} GiB max RSS")
-            mfu = f"{r['mfu']:.1%}" if tuning == "full" else "-"  # 6N FLOPs: full training only
+            mfu = f"{r['mfu']:.1%}" if "lora" not in tuning else "-"  # 6N FLOPs: full training only
             frozen = (f"{r['frozen'].total / 2**20:,.0f} MiB ({r['frozen'].ratio:.2f} x bf16)"
                       if r["frozen"] else "-")
             print(f"| {model} | {tuning} | {r['trainable_params'] / 1e6:.2f}M of "

@@ -61,6 +61,8 @@ def get_config(size: str = "tiny") -> ConfigDict:
     c.train.init_from_step = 0  # 0: init_from's newest readable step
     c.train.resume_step = 0  # 0: resume from the newest readable step; N: from step N (newer set aside)
     c.train.allow_changes = ""  # comma-separated keys a rerun of this workdir may change: "train.steps"
+    c.train.qat = ""  # "" or q8_0 | q5_0 | q4_0 | q4_1: train against the GGUF blocks the exporter writes
+    c.train.qat_start = 0  # the first step that trains the fake-quantized weights
     c.train.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in WORKDIR/profile
 
     c.optim = ConfigDict()

@@ -250,6 +250,9 @@ def convert(jobs: Sequence[Job], fmt: str, tokenizer: str | None = None,
                                 allow_attention_change=allow_attention_change, rope_pairing=_pairing(fmt))
         f32_bytes = sum(4 * t.numel for t in canon.tensors)
         for job in its_jobs:
+            if loaded.qat is not None and (fmt != "gguf" or job.quant.upper() != loaded.qat.qtype):
+                print(f"{checkpoint}: trained with QAT for {loaded.qat.qtype}; {fmt} {job.quant} writes its "
+                      f"latent weights, not the blocks it trained", file=sys.stderr)
             bar.set_description(f"{checkpoint.name} {job.quant}")
             start = time.perf_counter()
             write = write_gguf if fmt == "gguf" else write_hf

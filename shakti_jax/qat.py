@@ -136,6 +136,13 @@ def _product(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(p == p, p, 0.0)
 
 
+def _divide(a: jax.Array, c: int) -> jax.Array:
+    """`a / c` correctly rounded, as numpy divides. XLA rewrites a division by a constant into
+    a multiply by its rounded reciprocal (off by an ulp for some `a`: a different f16 scale for
+    the whole block); a divisor XLA cannot fold keeps the true division."""
+    return a / jnp.where(a == a, np.float32(c), np.float32(1))
+
+
 def _recip(d: jax.Array) -> jax.Array:
     return jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
 
@@ -154,17 +161,17 @@ def _roundf(v: jax.Array) -> jax.Array:
 def _round_trip(x: jax.Array, qtype: str, axis: int) -> jax.Array:
     """gguf-py's quantize then dequantize of blocks of 32 along `axis` (f32)."""
     if qtype == "Q8_0":
-        d = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127
+        d = _divide(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 127)
         return _f16(d) * _roundf(_product(x, _recip(d))).astype(jnp.int8)  # int8: -0 is 0
     if qtype in ("Q4_0", "Q5_0"):
         half = 8 if qtype == "Q4_0" else 16
         imax = jnp.argmax(jnp.abs(x), axis=axis, keepdims=True)
-        d = jnp.take_along_axis(x, imax, axis=axis) / -half
+        d = _divide(jnp.take_along_axis(x, imax, axis=axis), -half)
         q = jnp.clip(jnp.trunc(_product(x, _recip(d)) + np.float32(half + 0.5)), 0, 2 * half - 1)
         return _f16(d) * (q - half)
     if qtype == "Q4_1":
         hi, lo = jnp.max(x, axis=axis, keepdims=True), jnp.min(x, axis=axis, keepdims=True)
-        d = (hi - lo) / 15
+        d = _divide(hi - lo, 15)
         q = jnp.clip(jnp.trunc(_product(x - lo, _recip(d)) + np.float32(0.5)), 0, 15)
         return _f16(d) * q + _f16(lo)
     raise ValueError(f"no QAT for {qtype}")

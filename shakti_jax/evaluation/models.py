@@ -9,6 +9,8 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+import jax
+
 from data_pipelines.errors import UserError
 from data_pipelines.tokenizer import Tokenizer
 
@@ -77,5 +79,9 @@ def open_model(spec: str, *, max_len: int, batch_size: int = 32, flag: str = "--
     checksums = json.dumps(tree_checksums(loaded.params), sort_keys=True).encode()
     info = {"backend": "jax", "path": spec, "step": loaded.step,
             "params_sha256": hashlib.sha256(checksums).hexdigest(), "versions": _versions("flax")}
-    return OpenModel(JaxBackend(loaded.model_def, loaded.params, batch_size=batch_size, max_len=max_len),
+    params = loaded.params
+    if loaded.qat is not None:  # the model a QAT run trained: its GGUF blocks' values
+        params = jax.jit(loaded.qat.apply)(params)
+        info["qat"] = loaded.qat.qtype
+    return OpenModel(JaxBackend(loaded.model_def, params, batch_size=batch_size, max_len=max_len),
                      Tokenizer.load(loaded.tokenizer_path), info)

@@ -33,6 +33,7 @@ from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.model import ModelDef
 from shakti_jax.model.layout import is_per_layer, stack_layers
 from shakti_jax.lora import LoraConfig
+from shakti_jax.qat import QAT
 from shakti_jax.train.tuning import Tuning
 
 LAYOUT_HINT = ("it holds per-layer params from before layers were stacked; start a new workdir "
@@ -260,6 +261,7 @@ class LoadedParams:
     tokenizer_path: Path | None
     adapters: dict | None = None  # a LoRA run's adapters as saved
     lora: LoraConfig | None = None
+    qat: QAT | None = None  # a QAT run's fake quantization: `qat.apply(params)` is the model it trained
 
     @property
     def model_def(self) -> ModelDef:
@@ -318,7 +320,9 @@ def load_params(workdir: str | Path, step: int | None = None) -> LoadedParams:
     copy of the weights in memory), verified against their checksums. `step=None` takes the
     newest step that reads back. Per-layer checkpoints from before stacking convert here. A
     LoRA run's params are its base (from the meta's pointer, quantized as in training) with the
-    adapters merged in; `adapters` and `lora` hold them as trained."""
+    adapters merged in; `adapters` and `lora` hold them as trained. A QAT run's params are its
+    latent weights (what the exporter quantizes into the trained blocks); `qat` gives the
+    fake-quantized model it trained."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def read(manager, candidate):
@@ -344,11 +348,11 @@ def load_params(workdir: str | Path, step: int | None = None) -> LoadedParams:
     step, (meta, cfg, params) = _with_fallback(workdir, step, read)
     tuning = Tuning.from_meta(meta)
     if tuning.lora is None:
-        return LoadedParams(cfg, params, step, tokenizer_of(workdir, meta))
+        return LoadedParams(cfg, params, step, tokenizer_of(workdir, meta), qat=tuning.qat)
     model_def = ModelDef.from_config(cfg)
     base, _ = lora_base(meta, f"checkpoint step {step} under {checkpoint_dir(workdir)}")
-    merged = jax.jit(tuning.model_params)(params, tuning.frozen(model_def, base))
-    return LoadedParams(cfg, merged, step, tokenizer_of(workdir, meta), params, tuning.lora)
+    merged = jax.jit(tuning.latent_params)(params, tuning.frozen(model_def, base))
+    return LoadedParams(cfg, merged, step, tokenizer_of(workdir, meta), params, tuning.lora, tuning.qat)
 
 
 def _restore_target(leaf) -> jax.ShapeDtypeStruct:
