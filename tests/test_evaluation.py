@@ -104,13 +104,13 @@ def test_eval_cli_scores_a_workdir_and_refuses_bad_requests(smollm, shared_data,
     out = tmp_path / "results.json"
     with pytest.raises(SystemExit) as code:
         main(["--model", str(smollm), "--tasks", f"perplexity:{text},crows_pairs:{crows},toxigen:{tox}",
-              "--limit", "120", "--max_len", "256", "--out", str(out)])
+              "--limit", "48", "--max_len", "256", "--out", str(out)])
     assert code.value.code == 0
     results = json.loads(out.read_text())["tasks"]
     metrics = results[f"perplexity:{text}"]
-    assert 1 < metrics["token_perplexity"] < 1000 and metrics["bytes"] == len(text.read_text()[:120].encode())
-    assert results[f"crows_pairs:{crows}"]["n"] == 120 and 0.3 < results[f"crows_pairs:{crows}"]["pct_stereotype"] < 0.9
-    assert results[f"toxigen:{tox}"]["n"] == 120 and {"acc", "acc_norm"} <= set(results[f"toxigen:{tox}"])
+    assert 1 < metrics["token_perplexity"] < 1000 and metrics["bytes"] == len(text.read_text()[:48].encode())
+    assert results[f"crows_pairs:{crows}"]["n"] == 48 and 0.2 < results[f"crows_pairs:{crows}"]["pct_stereotype"] < 0.9
+    assert results[f"toxigen:{tox}"]["n"] == 48 and {"acc", "acc_norm"} <= set(results[f"toxigen:{tox}"])
     assert "| perplexity:" in capsys.readouterr().out
     for args, message in ((["--model", str(smollm), "--tasks", "nosuch:x"], "unknown task 'nosuch:x'"),
                           (["--model", str(tmp_path / "nope"), "--tasks", f"perplexity:{text}"], "not a workdir"),
