@@ -74,7 +74,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     labels = [r["label"] for r in rows]
     for ax, key, title in ((axes[0], "perplexity", "held-out perplexity (llama.cpp)"),
-                           (axes[1], "kl_mean", "mean KL to the control's F32 (nats)")):
+                           (axes[1], "kl_mean", "mean KL to its reference F32 file (nats)")):
         ax.bar(labels, [r[key] for r in rows], color=["#888" if "F32" in l else "#c44" if "control" in l or "imported" in l
                                                       else "#4a4" for l in labels])
         ax.set_title(title, fontsize=9)
