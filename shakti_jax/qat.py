@@ -45,7 +45,6 @@ BLOCK = 32
 @dataclasses.dataclass(frozen=True)
 class _Target:
     path: tuple  # keys into the params dict
-    name: str  # the first GGUF tensor (for messages)
     row_len: int  # values per GGUF row: the block axis
     transposed: bool  # param = [*stack, row_len..., rows...]; else [..., rows, row_len]
     stacked: bool  # a leading layers axis
@@ -81,7 +80,7 @@ class QAT:
             if shape[1] % BLOCK:
                 raise ConfigError(f"{key}={name}: {slot.names[0]} has rows of {shape[1]} values, "
                                   f"not a multiple of {qtype.name}'s block of {BLOCK}")
-            targets.append(_Target(slot.path, slot.names[0], shape[1], slot.transposed, slot.stacked))
+            targets.append(_Target(slot.path, shape[1], slot.transposed, slot.stacked))
         return cls(qtype.name, start, tuple(targets))
 
     def apply(self, params: dict, step: Any = None) -> dict:
