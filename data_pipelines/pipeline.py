@@ -457,4 +457,5 @@ def to_pair_batch(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         "segment_ids": real.astype(np.int32),
         "positions": np.broadcast_to(np.arange(width, dtype=np.int32), real.shape).copy(),
         "index": rows["index"].astype(np.int32),
+        "lengths": lengths.astype(np.int32),  # tokens per row (a reward model reads the last)
     }

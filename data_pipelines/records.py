@@ -27,6 +27,10 @@ code (`?format=prompt_completion&map=question:prompt,answer:completion`). Format
                                 the last assistant reply are the prompt; a pair whose chosen
                                 score is not above the rejected one is a bad record
 
+  RL         prompts            {"prompt" (text or messages), ...}: the other fields reach the
+                                reward functions (e.g. "answer" for `arithmetic`); the DPO
+                                formats give their pairs' prompts
+
 Every example carries `where` ("file:line", "file:id" or "file:row N", and "... instance K"
 for each of several Alpaca instances), unique within a file. A record that cannot be used
 comes back with a `problem`; the pipeline raises or skips and counts it, by config.
@@ -48,6 +52,7 @@ from data_pipelines.sources import SourceSpec
 
 SFT_FORMATS = ("prompt_completion", "messages", "sharegpt", "alpaca", "qa", "pubmedqa")
 DPO_FORMATS = ("hh", "pairs", "ultrafeedback")
+PROMPT_FORMATS = ("prompts",) + DPO_FORMATS
 RECORD_KINDS = ("jsonl", "json", "parquet", "tfds", "tfds_dir")
 QA_TEMPLATE = "{context}\n\nQuestion: {question}"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
@@ -170,6 +175,34 @@ def load_pairs(spec_text: str) -> list[PreferencePair]:
             problem = "chosen and rejected are identical"
         out.append(PreferencePair(None if problem else prompt, chosen, rejected, where,
                                   problem or ""))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    messages: Messages | None  # the turns the policy continues with an assistant reply
+    fields: dict  # the record's other fields, for reward functions
+    where: str
+    problem: str = ""
+
+
+def load_prompts(spec_text: str) -> list[PromptRecord]:
+    """RL prompts: `format=prompts` records, or the prompts of a DPO format's pairs."""
+    spec = _parse(spec_text, PROMPT_FORMATS)
+    if spec.options["format"] != "prompts":
+        return [PromptRecord(p.prompt, {"chosen": p.chosen, "rejected": p.rejected}, p.where, p.problem)
+                for p in load_pairs(spec_text)]
+    out = []
+    for where, obj in _mapped(read_records(spec), spec):
+        if not isinstance(obj, dict):
+            out.append(PromptRecord(None, {}, where, "a prompts record must be a JSON object"))
+            continue
+        prompt, problem = _prompt_of(obj, required=True)
+        if not problem:
+            problem = check_messages([*prompt, ("assistant", "x")]) or \
+                ("" if prompt[-1][0] == "user" else "a prompt must end with a user turn")
+        fields = {k: v for k, v in obj.items() if k != "prompt"}
+        out.append(PromptRecord(None if problem else prompt, fields, where, problem or ""))
     return out
 
 

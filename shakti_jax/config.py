@@ -59,6 +59,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 500_000.0
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    # A scalar head [d_model, 1] on the final-normed residual stream beside the LM head: a
+    # reward model's score, PPO's value. GGUF export ignores it; HF export of a reward model
+    # writes it as the sequence-classification `score`.
+    value_head: bool = False
     # Per-layer attention: this pattern repeats over the layers ("global" = full causal,
     # "window" = sliding window of `window` tokens, "block_sparse" = the `sparse` layout).
     attention_pattern: tuple[str, ...] = ("global",)
@@ -155,7 +159,7 @@ def validate(cfg: ModelConfig) -> None:
         fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
     if cfg.remat not in REMAT_POLICIES:
         fail("remat", f"must be one of {REMAT_POLICIES}")
-    for key in ("scan_layers", "tie_embeddings", "attention_bias"):
+    for key in ("scan_layers", "tie_embeddings", "attention_bias", "value_head"):
         if not isinstance(getattr(cfg, key), bool):
             fail(key, "must be true or false")
     if not 0.0 <= cfg.dropout_rate < 1.0:

@@ -192,7 +192,7 @@ def describe(checkpoint: Path, step: int | None, tokenizer: str | None, fmt: str
         raise FileNotFoundError(f"--checkpoint {checkpoint} is not a folder")
     step = pick_step(checkpoint, step)
     meta = read_step(read_meta, checkpoint, step)
-    cfg = ModelConfig.from_dict(meta["model"])
+    cfg = export_config(meta)
     if fmt == "lora" and not meta.get("lora"):
         raise ExportError(f"--checkpoint {checkpoint}: step {step} is not a LoRA run (no lora.targets); "
                           f"export it with --format gguf or hf")
@@ -204,6 +204,15 @@ def describe(checkpoint: Path, step: int | None, tokenizer: str | None, fmt: str
     canon, warnings = canonicalize(cfg, None, tokenizer_path, allow_attention_change=allow_attention_change,
                                    rope_pairing=_pairing(fmt))
     return Source(checkpoint, step, tokenizer_path, canon, [f"{checkpoint}: {w}" for w in warnings])
+
+
+def export_config(meta: dict) -> ModelConfig:
+    """The model a checkpoint exports as: a reward model keeps its value head (an HF
+    sequence classifier); any other stage's value head (PPO's critic) is dropped."""
+    cfg = ModelConfig.from_dict(meta["model"])
+    if cfg.value_head and (meta.get("experiment") or {}).get("stage") != "reward":
+        return cfg.replace(value_head=False)
+    return cfg
 
 
 def _pairing(fmt: str) -> str:
@@ -246,7 +255,8 @@ def convert(jobs: Sequence[Job], fmt: str, tokenizer: str | None = None,
                 results.append(Result(job, _size(job.out), 4 * count_params(loaded.adapters),
                                       time.perf_counter() - start))
             continue
-        canon, _ = canonicalize(loaded.config, loaded.params, source.tokenizer_path,
+        cfg = loaded.config.replace(value_head=source.canon.config.value_head)  # see export_config
+        canon, _ = canonicalize(cfg, loaded.params, source.tokenizer_path,
                                 allow_attention_change=allow_attention_change, rope_pairing=_pairing(fmt))
         f32_bytes = sum(4 * t.numel for t in canon.tensors)
         for job in its_jobs:

@@ -67,6 +67,10 @@ class Generation:
     tokens: list[list[int]]  # generated ids per prompt, without the EOS that stopped it
     prefill_tokens_per_sec: float
     decode_tokens_per_sec: float
+    # log p of each sampled token under softmax(logits / temperature) (raw logits when
+    # greedy), the stopping EOS included: len(tokens[b]) + stopped[b] values per prompt
+    logprobs: list[list[float]] = dataclasses.field(default_factory=list)
+    stopped: list[bool] = dataclasses.field(default_factory=list)  # ended by eos_id
 
 
 def sample(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling | SamplingKnobs,
@@ -113,8 +117,10 @@ class Generator:
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: Sampling = Sampling(), eos_id: int | None = None, seed: int = 0,
-                 use_cache: bool = True, pad_id: int = 0) -> Generation:
-        """Continue each prompt by up to `max_new_tokens` tokens, stopping a row at `eos_id`."""
+                 use_cache: bool = True, pad_id: int = 0, prompt_bucket: int = 0) -> Generation:
+        """Continue each prompt by up to `max_new_tokens` tokens, stopping a row at `eos_id`.
+        `prompt_bucket` pads prompts to at least that many tokens (a fixed shape for callers
+        such as RL rollouts that must not compile again when prompt lengths vary)."""
         cfg = self.model_def.config
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) == 0:
@@ -129,7 +135,7 @@ class Generator:
             raise ValueError(f"token id {bad[0]} is outside model.vocab_size={cfg.vocab_size}")
 
         rows = _pow2(len(prompts), 1)
-        padded = min(_round_up(max(lengths), 16), cfg.max_seq_len)
+        padded = min(_round_up(max(max(lengths), prompt_bucket), 16), cfg.max_seq_len)
         new_bucket = min(_pow2(max_new_tokens, 16), cfg.max_seq_len - max(lengths))
         new_bucket = max(new_bucket, max_new_tokens)
         total = min(padded + new_bucket, cfg.max_seq_len)
@@ -151,12 +157,14 @@ class Generator:
         carry = jax.block_until_ready(prefill(self.params, tokens_BT, lengths_B))
         t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out_BN, n_B = jax.block_until_ready(decode(self.params, carry, jax.random.key(seed), knobs))
+        result = jax.block_until_ready(decode(self.params, carry, jax.random.key(seed), knobs))
         t_decode = time.perf_counter() - t0
-        out, n = jax.device_get(out_BN), jax.device_get(n_B)
-        generated = [[int(t) for t in out[b, : n[b]]] for b in range(len(prompts))]
-        return Generation(generated, sum(lengths) / t_prefill,
-                          max(int(n[: len(prompts)].sum()), 1) / t_decode)
+        out, n, logp, stopped = jax.device_get(result)
+        count = range(len(prompts))
+        return Generation([[int(t) for t in out[b, : n[b]]] for b in count], sum(lengths) / t_prefill,
+                          max(int(n[: len(prompts)].sum()), 1) / t_decode,
+                          [[float(x) for x in logp[b, : n[b] + stopped[b]]] for b in count],
+                          [bool(stopped[b]) for b in count])
 
     def _compile(self, rows, padded, new_bucket, total, mode, use_cache, pad_id):
         model_def = self.model_def
@@ -186,7 +194,9 @@ class Generator:
                 return last_logits(params, tokens_BT, safe_B + 1), tokens_BT
 
         width = padded if use_cache else total
-        abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+        # the params' own layouts (a sharded policy is read where it lies, never copied)
+        abstract_params = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), self.params)
         tokens = jax.ShapeDtypeStruct((rows, width), jnp.int32)
         lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
         prefill_c = jax.jit(prefill).lower(abstract_params, tokens, lengths).compile()
@@ -209,22 +219,27 @@ def _decode_loop(step_fn, new_bucket: int, mode: str):
         B = pos_B.shape[0]
 
         def body(c):
-            i, logits_BV, model_state, pos_B, done_B, out_BN, n_B, rng = c
+            i, logits_BV, model_state, pos_B, done_B, out_BN, n_B, logp_BN, eos_B, rng = c
             rng, key = jax.random.split(rng)
             tok_B = sample(logits_BV, key, sampling, mode)
+            scaled_BV = logits_BV.astype(jnp.float32) / (1.0 if mode == "greedy" else temperature)
+            logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+            logp_BN = logp_BN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
+            eos_B = eos_B | (~done_B & (tok_B == eos_id))
             stop_B = done_B | (tok_B == eos_id)
             out_BN = out_BN.at[:, i].set(jnp.where(stop_B, 0, tok_B))
             n_B = n_B + (~stop_B).astype(jnp.int32)
             logits_BV, model_state = step_fn(params, model_state, tok_B, pos_B)
-            return i + 1, logits_BV, model_state, pos_B + 1, stop_B, out_BN, n_B, rng
+            return i + 1, logits_BV, model_state, pos_B + 1, stop_B, out_BN, n_B, logp_BN, eos_B, rng
 
         def cond(c):
             return (c[0] < max_new) & ~jnp.all(c[4])
 
         init = (jnp.int32(0), logits_BV, model_state, pos_B, jnp.zeros(B, bool),
-                jnp.zeros((B, new_bucket), jnp.int32), jnp.zeros(B, jnp.int32), rng)
+                jnp.zeros((B, new_bucket), jnp.int32), jnp.zeros(B, jnp.int32),
+                jnp.zeros((B, new_bucket), jnp.float32), jnp.zeros(B, bool), rng)
         final = jax.lax.while_loop(cond, body, init)
-        return final[5], final[6]
+        return final[5], final[6], final[7], final[8]
 
     return run
 

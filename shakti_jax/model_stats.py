@@ -58,8 +58,8 @@ def tensors(cfg: ModelConfig) -> list[Tensor]:
 
 
 def part_of(path: str) -> str:
-    """Group a parameter path into embedding / attention / mlp / norms / lm_head."""
-    if path in ("embedding", "lm_head"):
+    """Group a parameter path into embedding / attention / mlp / norms / lm_head / value_head."""
+    if path in ("embedding", "lm_head", "value_head"):
         return path
     if ".attn." in path:
         return "attention"

@@ -372,3 +372,45 @@ def test_cli_rejects_bad_requests_in_one_line_before_writing(args, message, chec
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message.format(root=checkpoints) in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pattern, cls", [(("global",), "LlamaForSequenceClassification"),
+                                          (("window", "global"), "Qwen2ForSequenceClassification")])
+def test_cli_exports_a_reward_model_as_hf_classifier_and_gguf_lm(pattern, cls, tokenizer, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from shakti_jax.model import ModelDef
+    from shakti_jax.train.checkpoint import save_params
+
+    cfg = get_config("tiny").replace(attention_pattern=pattern, value_head=True, tie_embeddings=False)
+    model_def = ModelDef.from_config(cfg)
+    params = model_def.init(0)
+    params["value_head"] = params["value_head"] * 50  # scores O(1), so 1e-4 is a real check
+    save_params(tmp_path / "rm", cfg, params, tokenizer_path=tokenizer.model_path,
+                meta={"experiment": {"stage": "reward"}})  # any other stage exports the LM only
+    for fmt, out in [("hf", tmp_path / "hf"), ("gguf", tmp_path / "lm.gguf")]:
+        assert run_cli(["--checkpoint", str(tmp_path / "rm"), "--format", fmt, "--quant", "f32",
+                        "--out", str(out), "--no_progress"]) == 0
+
+    rows = [tokenizer.encode(" ".join(["a reward model scores this reply"] * 6), add_bos=True)[:40],
+            tokenizer.encode("short", add_bos=True)]
+    tokens = np.full((2, 40), tokenizer.pad_id, np.int64)
+    for i, ids in enumerate(rows):
+        tokens[i, :len(ids)] = ids
+    last = [len(ids) - 1 for ids in rows]
+    expected = np.asarray(model_def.values(params, jnp.asarray(tokens, jnp.int32)), np.float64)[[0, 1], last]
+    assert np.abs(expected).max() > 0.1
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    assert type(hf).__name__ == cls and hf.config.num_labels == 1
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # score, and no lm_head
+    with torch.no_grad():
+        got = hf(torch.tensor(tokens), attention_mask=torch.tensor(tokens != tokenizer.pad_id)).logits
+    assert got.shape == (2, 1)
+    np.testing.assert_allclose(got[:, 0].double().numpy(), expected, rtol=0, atol=1e-4)
+
+    lm = GGUFModel(tmp_path / "lm.gguf")  # the causal LM, without the value head
+    assert "cls.output.weight" not in lm.weights and "output.weight" in lm.weights
+    np.testing.assert_allclose(lm.logits(rows[0], round_activations=False),
+                               np.asarray(model_def.apply(params, jnp.asarray([rows[0]])), np.float64)[0],
+                               rtol=0, atol=1e-4)

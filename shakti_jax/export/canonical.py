@@ -7,7 +7,9 @@ writer renames them. Layout work happens here and nowhere else:
   rotates interleaved pairs (2i, 2i+1), so `rope_pairing="interleaved"` permutes the rows of
   Q and K once, per head;
 - vocabulary: the tokenizer's pieces (sentencepiece, or byte-level BPE with its merges) are
-  padded with unused pieces up to the embedding rows.
+  padded with unused pieces up to the embedding rows;
+- a value head (`model.value_head`, a reward model's score) is one more [1, D] tensor,
+  `VALUE_HEAD`; GGUF writes `lm_tensors` (llama.cpp's llama arch has no such head).
 Tensors are produced one at a time (`CanonicalTensor.load`), so a writer holds at most one
 converted tensor next to the model's own weights.
 """
@@ -35,6 +37,7 @@ RopePairing = Literal["halves", "interleaved"]
 OWN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
                      "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
                      "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+VALUE_HEAD = "cls.output.weight"  # llama.cpp's name for a classifier's output (its BERT rerankers)
 
 
 class ExportError(UserError):
@@ -84,6 +87,11 @@ class CanonicalModel:
     @property
     def window_layers(self) -> list[bool]:
         return [kind == "window" for kind in self.config.layer_kinds]
+
+    @property
+    def lm_tensors(self) -> list[CanonicalTensor]:
+        """The causal LM's tensors: all but the value head."""
+        return [t for t in self.tensors if t.name != VALUE_HEAD]
 
 
 def check_exportable(cfg: ModelConfig, allow_attention_change: bool = False) -> tuple[ModelConfig, list[str]]:
@@ -228,6 +236,8 @@ def canonical_tensors(cfg: ModelConfig, params: dict | None, rope_pairing: RopeP
     if not cfg.tie_embeddings:
         tensors.append(CanonicalTensor("output.weight", (cfg.vocab_size, D),
                                        matrix(lambda: params["lm_head"], (cfg.vocab_size, D))))
+    if cfg.value_head:
+        tensors.append(CanonicalTensor(VALUE_HEAD, (1, D), matrix(lambda: params["value_head"], (1, D))))
     return tensors
 
 

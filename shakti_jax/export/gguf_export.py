@@ -3,6 +3,7 @@
 F32/F16/BF16/Q8_0/Q5_0/Q4_0/Q4_1 come from the `gguf` package (byte-identical to ggml's own
 quantizers); K-quants (Q4_K_M, Q5_K_M, Q6_K) from llama.cpp's quantizer via the optional
 `edge` extra (llama-cpp-python), run on an F32 file written first. Norms stay F32.
+A value head (a reward model's or PPO critic's) is left out: the file is the causal LM.
 
 Architecture: `llama` when no layer has a sliding window; otherwise `granite_swa`, which runs a
 Llama block with per-layer windows (sliding_window_pattern), logit scale 1 and attention sinks
@@ -72,7 +73,7 @@ def check_quantizable(canon: CanonicalModel, quant: QuantType) -> None:
                           f"knows, so llama.cpp would split text differently; export as hf instead")
     if quant.tensor_type is None:
         _llama_cpp()
-    for t in canon.tensors:
+    for t in canon.lm_tensors:
         if t.is_matrix and t.shape[1] % quant.block:
             raise ExportError(f"{t.name} has rows of {t.shape[1]} values, not a multiple of "
                               f"{quant.name}'s block of {quant.block}")
@@ -103,8 +104,8 @@ def write_gguf(canon: CanonicalModel, path: str | Path, quant: str,
 
 
 def gguf_tensor_count(canon: CanonicalModel) -> int:
-    """Tensors in the GGUF file: the canonical ones plus granite_swa's attention sinks."""
-    return len(canon.tensors) + (canon.config.num_layers if any(canon.window_layers) else 0)
+    """Tensors in the GGUF file: the LM's canonical ones plus granite_swa's attention sinks."""
+    return len(canon.lm_tensors) + (canon.config.num_layers if any(canon.window_layers) else 0)
 
 
 def _llama_cpp():
@@ -147,7 +148,7 @@ def _write(canon: CanonicalModel, path: Path, q: QuantType, on_tensor) -> None:
         writer.add_sliding_window_pattern(windows)
     _add_tokenizer(writer, canon)
 
-    tensors = list(canon.tensors)
+    tensors = canon.lm_tensors
     if arch == "granite_swa":
         tensors += [_sink(i, cfg.num_heads) for i in range(cfg.num_layers)]
     for t in tensors:  # sizes from the gguf package's block table, for every type
@@ -167,7 +168,7 @@ def _write(canon: CanonicalModel, path: Path, q: QuantType, on_tensor) -> None:
 
 def size_label(cfg: ModelConfig) -> str:
     """gguf's size label of the model's weights ("135M"), as llama.cpp's converter writes it."""
-    total = sum(t.numel for t in canonical_tensors(cfg, None, "halves"))
+    total = sum(t.numel for t in canonical_tensors(cfg.replace(value_head=False), None, "halves"))
     return gguf.size_label(total, 0, 0, 0)
 
 

@@ -5,7 +5,11 @@ tokenizer.model; a byte-level BPE tokenizer as its own tokenizer.json and tokeni
 Both carry the chat template, and generation_config.json lists EOS and the end-of-turn token
 as `eos_token_id`, so transformers' `generate` stops at the end of an assistant turn.
 The class follows the attention pattern: Llama without windows, Mistral when every layer has
-the same window, Qwen2 (per-layer `layer_types`, zero q/k/v biases) when only some do. Weights
+the same window, Qwen2 (per-layer `layer_types`, zero q/k/v biases) when only some do. A
+model with a value head (`model.value_head`: a reward model) is written as that class's
+`...ForSequenceClassification` with one label: the backbone, `score.weight` [1, D] and no LM
+head; transformers reads the score at the last token that is not `pad_token_id` (the
+tokenizer's pad, or EOS when it has none, so a row must not end in it). Weights
 are written in safetensors format without torch, streamed tensor by tensor (the format is a
 JSON header of shapes and offsets followed by raw little-endian data, so the header can be
 written before any tensor is converted).
@@ -25,8 +29,8 @@ from gguf import TokenType
 
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.tokenizer import BOS, BOS_ID, CHAT_TOKENS, EOS, PAD, UNK
-from shakti_jax.export.canonical import (OWN_CHAT_TEMPLATE, CanonicalModel, CanonicalTensor, ExportError,
-                                        Vocabulary)
+from shakti_jax.export.canonical import (OWN_CHAT_TEMPLATE, VALUE_HEAD, CanonicalModel, CanonicalTensor,
+                                        ExportError, Vocabulary)
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -35,7 +39,8 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight",
+                 VALUE_HEAD: "score.weight"}
 # weight dtype: (safetensors code, config.json torch dtype, numpy dtype)
 HF_DTYPES = {"f32": ("F32", "float32", np.dtype("<f4")),
              "bf16": ("BF16", "bfloat16", np.dtype(ml_dtypes.bfloat16)),
@@ -62,9 +67,9 @@ def architecture(canon: CanonicalModel) -> str:
 def hf_config(canon: CanonicalModel, dtype: str = "f32") -> dict:
     cfg = canon.config
     arch = architecture(canon)
+    head = "ForSequenceClassification" if cfg.value_head else "ForCausalLM"
     config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM"}[arch]],
+        "architectures": [{"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[arch] + head],
         "model_type": arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -74,6 +79,8 @@ def hf_config(canon: CanonicalModel, dtype: str = "f32") -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_dropout": 0.0, "dtype": HF_DTYPES[dtype][1], **_special_ids(canon),
     }
+    if cfg.value_head:
+        config.update(num_labels=1)
     if arch == "llama":
         config.update(attention_bias=False, mlp_bias=False)
     elif arch == "mistral":
@@ -134,6 +141,8 @@ def hf_tensor_count(canon: CanonicalModel) -> int:
 def _hf_tensors(canon: CanonicalModel) -> Iterator[tuple[str, CanonicalTensor]]:
     qkv_bias = architecture(canon) == "qwen2" and not canon.config.attention_bias  # zeros
     for t in canon.tensors:
+        if canon.config.value_head and t.name == "output.weight":
+            continue  # a sequence classifier has no LM head
         yield hf_name(t.name), t
         if qkv_bias and t.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v"):
             rows = t.shape[0]

@@ -66,3 +66,17 @@ class ModelDef:
         """Logits [B, T, V], or [B, K, V] at the indices `logits_at_BK`; dropout only with a key."""
         return self.bind(params)(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key,
                                  logits_at_BK=logits_at_BK)
+
+    def values(self, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None, *, dropout_key: jax.Array | None = None
+               ) -> jax.Array:
+        """The value head at every position [B, T] (needs `model.value_head`)."""
+        return self.bind(params).values(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key)
+
+    def logits_and_values(self, params: Params, tokens_BT: jax.Array,
+                          positions_BT: jax.Array | None = None,
+                          segment_ids_BT: jax.Array | None = None, *,
+                          dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Logits [B, T, V] and values [B, T] from one forward pass."""
+        return self.bind(params).logits_and_values(tokens_BT, positions_BT, segment_ids_BT,
+                                                   dropout_key=dropout_key)

@@ -108,6 +108,8 @@ class Transformer(nnx.Module):
         self.lm_head = (None if cfg.tie_embeddings else
                         param(rngs, None, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               cfg.init_std, cfg.param_dtype))
+        self.value_head = (param(rngs, None, (cfg.d_model, 1), ("embed", None), cfg.init_std,
+                                 cfg.param_dtype) if cfg.value_head else None)
 
     def _embed(self, tokens_BT):
         return constrain(self.embedding[...][tokens_BT].astype(jnp.float32), ACTIVATION_AXES)
@@ -119,6 +121,13 @@ class Transformer(nnx.Module):
         else:
             w_DV = self.lm_head[...].astype(self.cfg.dtype)
         return jnp.einsum("btd,dv->btv", x, w_DV, preferred_element_type=jnp.float32)
+
+    def _values(self, x_BTD):
+        if self.value_head is None:
+            raise ValueError("this model has no value head (model.value_head=False)")
+        x = self.final_norm(x_BTD).astype(self.cfg.dtype)
+        w_D1 = self.value_head[...].astype(self.cfg.dtype)
+        return jnp.einsum("btd,do->bto", x, w_D1, preferred_element_type=jnp.float32)[..., 0]
 
     def _run(self, period_fn, x, per_group_xs, remat="none"):
         ys = []
@@ -134,6 +143,28 @@ class Transformer(nnx.Module):
         """Logits [B, T, V] for whole sequences (training, scoring, the no-cache reference),
         or [B, K, V] at the sequence indices `logits_at_BK` only (the head skips the rest).
         Dropout is on only when `dropout_key` is given (each layer folds in its index)."""
+        x_BTD = self.hidden(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key)
+        if logits_at_BK is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
+        return self._logits(x_BTD)
+
+    def values(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None, *, dropout_key: jax.Array | None = None
+               ) -> jax.Array:
+        """The value head at every position [B, T] (f32); the LM head is not computed."""
+        return self._values(self.hidden(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key))
+
+    def logits_and_values(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                          segment_ids_BT: jax.Array | None = None, *,
+                          dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Logits [B, T, V] and values [B, T] from one pass (PPO's policy and critic)."""
+        x_BTD = self.hidden(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key)
+        return self._logits(x_BTD), self._values(x_BTD)
+
+    def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None, *, dropout_key: jax.Array | None = None
+               ) -> jax.Array:
+        """The residual stream after the last layer [B, T, D] (before the final norm)."""
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
 
@@ -148,9 +179,7 @@ class Transformer(nnx.Module):
             keys = [jax.random.split(jax.random.fold_in(dropout_key, g), group.repeats)
                     for g, group in enumerate(self.groups)]
         x_BTD, _ = self._run(period, self._embed(tokens_BT), keys, remat=self.cfg.remat)
-        if logits_at_BK is not None:
-            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
-        return self._logits(x_BTD)
+        return x_BTD
 
     def prefill(self, tokens_BT: jax.Array, lengths_B: jax.Array, caches: Caches):
         """Right-padded prompts -> (logits at each prompt's last token [B, V], filled caches)."""

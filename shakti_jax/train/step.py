@@ -122,6 +122,7 @@ class BuiltStep:
     rules: Mapping
     init: Callable[[dict | None], TrainState]  # params (or None: fresh) -> sharded step-0 state
     compile_seconds: float  # tracing + lowering + XLA compilation of the train step
+    model_def: ModelDef
 
     def train(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One optimizer step (donates `state`)."""
@@ -193,4 +194,4 @@ def build_step(task, model_def: ModelDef, optimizer: Optimizer, mesh: Mesh,
         return jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(params)
 
     return BuiltStep(compiled, evaluate, model_params, frozen, tuning, shardings, abstract, schema, mesh, rules,
-                     init, compile_seconds)
+                     init, compile_seconds, model_def)

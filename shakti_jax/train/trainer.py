@@ -263,8 +263,17 @@ class Trainer:
             return step.init(None), self.base_digest
         if init_from:
             at = self.config.train.get("init_from_step") or None
-            params, meta = restore_params(init_from, step.abstract_state.params, at)
-            self._log(f"initialised from {init_from} (step {meta['step']})")
+            target = step.abstract_state.params
+            fresh_head = "value_head" in target and not self._init_model().get("value_head")
+            if fresh_head:  # a reward model or PPO policy started from a plain LM
+                target = {k: v for k, v in target.items() if k != "value_head"}
+            params, meta = restore_params(init_from, target, at)
+            if fresh_head:
+                head = step.abstract_state.params["value_head"]
+                params["value_head"] = jax.jit(lambda: self.model_def.init(seed)["value_head"],
+                                               out_shardings=head.sharding)()
+            self._log(f"initialised from {init_from} (step {meta['step']})"
+                      + ("; the value head is new" if fresh_head else ""))
             return step.init(params), start_digest(init_from, meta)
         return step.init(None), f"seed:{seed}"
 
@@ -283,8 +292,8 @@ class Trainer:
         per_host = train.batch_size // jax.process_count()
         held_out = self.task.eval_datasets(per_host, jax.process_index(), jax.process_count())
         scorer = JaxBackend(self.model_def, None, batch_size=16)
-        has_eval = bool(held_out) or bool(self.eval_tasks)
-        if not held_out:
+        has_eval = bool(held_out) or bool(self.eval_tasks) or self.task.has_online_eval
+        if not held_out and not self.task.has_online_eval:
             self._log("no held-out data (data.holdout_every=0 and no data.eval_sources): "
                       "held-out loss is off" + ("" if self.eval_tasks else ", and so are eval metrics (no train.eval_tasks)"))
         profile = tuple(train.get("profile_steps", ()))
@@ -300,7 +309,8 @@ class Trainer:
             for i in range(start, train.steps):
                 if profile and i == profile[0]:
                     jax.profiler.start_trace(str(self.workdir / "profile"))
-                state, metrics = step.train(state, step.global_batch(next(data.iterator)))
+                local = self.task.next_batch(data.iterator, i, state, step)
+                state, metrics = step.train(state, step.global_batch(local))
                 done = i + 1
                 if profile and done == profile[1]:
                     jax.block_until_ready(state)
@@ -321,7 +331,8 @@ class Trainer:
                                tokens_seen=done * tokens_per_step,
                                skipped_records=self.skipped.total,
                                trimmed_prompt_tokens=self.skipped.trimmed_tokens,
-                               nonfinite_steps=int(jax.device_get(state.nonfinite)))
+                               nonfinite_steps=int(jax.device_get(state.nonfinite)),
+                               **self.task.log_metrics())
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                     tick, tick_step = time.perf_counter(), done
                 if eval_now:
@@ -350,6 +361,8 @@ class Trainer:
         if self.eval_tasks:
             scorer.params = step.model_params(state.params)
             row = task_metrics(self.eval_tasks, scorer, self.tokenizer)
+        if self.task.has_online_eval:
+            row.update(self.task.online_eval(self.model_def, step.model_params(state.params)))
         totals: dict[str, float] = {}
         count = 0.0
         for name, dataset in datasets.items():

@@ -12,9 +12,12 @@ from shakti_jax.config import ConfigError, ModelConfig
 from shakti_jax.train.tasks.base import PrepareContext, Task
 from shakti_jax.train.tasks.dpo import DPOTask
 from shakti_jax.train.tasks.pretrain import PretrainTask
+from shakti_jax.train.tasks.reward import RewardTask
+from shakti_jax.train.tasks.rl import RLTask
 from shakti_jax.train.tasks.sft import SFTTask
 
-TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "sft": SFTTask, "dpo": DPOTask}
+TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "sft": SFTTask, "dpo": DPOTask,
+                                "reward": RewardTask, "rl": RLTask}
 
 __all__ = ["PrepareContext", "TASKS", "Task", "make_task"]
 

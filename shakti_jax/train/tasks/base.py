@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grain
+import numpy as np
 from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
@@ -77,6 +78,22 @@ class Task:
 
     def prepare(self, ctx: PrepareContext) -> None:
         """A pre-pass before the first step (e.g. DPO's reference log-probs); none by default."""
+
+    def next_batch(self, iterator, step_index: int, state, built) -> dict[str, np.ndarray]:
+        """This process's rows for step `step_index` (0-based) given the current train state and
+        the built step: the data iterator's next batch, or (online RL) a rollout of the policy."""
+        return next(iterator)
+
+    def log_metrics(self) -> dict[str, float]:
+        """Host-side metrics of the latest batch, logged with the step's (RL rollout stats)."""
+        return {}
+
+    has_online_eval = False
+
+    def online_eval(self, model_def: ModelDef, params: dict) -> dict[str, float]:
+        """Held-out metrics computed from the model's params outside the eval step (RL's
+        held-out rewards); `has_online_eval` says whether there are any."""
+        return {}
 
     # -- data -----------------------------------------------------------------------------
     def train_dataset(self, batch_size: int, process_index: int, process_count: int

@@ -32,9 +32,40 @@ REFERENCES = ("memory", "precomputed")
 TABLE = "reference_logps.npz"
 
 
-class DPOTask(Task):
+class PairTask(Task):
+    """Preference pairs from every `data.sources` (mixed by weight) as stacked [chosen;
+    rejected] rows, with per-source held-out sets: what DPO and the reward model share."""
+
     rows_per_example = 2
 
+    def __init__(self, config, tokenizer, skipped, model_config):
+        super().__init__(config, tokenizer, skipped, model_config)
+        specs = list(config.data.sources)
+        self.sources = [(spec, load_pairs(spec)) for spec in specs]
+        self.weights = [SourceSpec.parse(spec, kinds=RECORD_KINDS).weight for spec in specs]
+        self.names = source_names(specs)
+        self.pairs = [pair for _, pairs in self.sources for pair in pairs]  # `index` order
+
+    def eval_summary(self, sums, count):
+        return {f"eval_{k}": v / count for k, v in sums.items()}
+
+    def _dataset(self, batch_size, process_index, process_count, part, seed, drop_remainder=True,
+                 source: int | None = None, seq_len: int | None = None):
+        """All sources mixed by weight, or only source number `source` (per-source eval)."""
+        sources, weights, first = self.sources, self.weights, 0
+        if source is not None:
+            first = sum(len(pairs) for _, pairs in self.sources[:source])
+            sources, weights = [self.sources[source]], None
+        common = self._common(process_index, process_count)
+        if seq_len is not None:
+            common["seq_len"] = seq_len
+        return dpo_batches(sources, self.tokenizer, batch_size=batch_size, seed=seed,
+                           holdout_every=self.config.data.holdout_every, part=part,
+                           drop_remainder=drop_remainder, weights=weights, first_index=first,
+                           **common)
+
+
+class DPOTask(PairTask):
     def __init__(self, config, tokenizer, skipped, model_config):
         super().__init__(config, tokenizer, skipped, model_config)
         dpo = config.dpo
@@ -46,11 +77,6 @@ class DPOTask(Task):
             raise ConfigError(f"dpo.beta={dpo.beta!r}: must be > 0")
         if dpo.reference == "precomputed" and jax.process_count() > 1:
             raise ConfigError("dpo.reference='precomputed' runs on one process; use 'memory'")
-        specs = list(config.data.sources)
-        self.sources = [(spec, load_pairs(spec)) for spec in specs]
-        self.weights = [SourceSpec.parse(spec, kinds=RECORD_KINDS).weight for spec in specs]
-        self.names = source_names(specs)
-        self.pairs = [pair for _, pairs in self.sources for pair in pairs]  # `index` order
         self.in_memory = dpo.reference == "memory"
         self.reference_table: np.ndarray | None = None  # [pairs, 2] when precomputed
         if not self.in_memory:
@@ -68,22 +94,7 @@ class DPOTask(Task):
         return dpo_objective(model_def, beta=dpo.beta, loss=dpo.loss,
                              label_smoothing=dpo.label_smoothing)
 
-    def eval_summary(self, sums, count):
-        return {f"eval_{k}": v / count for k, v in sums.items()}
-
     # -- data -----------------------------------------------------------------------------
-    def _dataset(self, batch_size, process_index, process_count, part, seed, drop_remainder=True,
-                 source: int | None = None):
-        """All sources mixed by weight, or only source number `source` (per-source eval)."""
-        sources, weights, first = self.sources, self.weights, 0
-        if source is not None:
-            first = sum(len(pairs) for _, pairs in self.sources[:source])
-            sources, weights = [self.sources[source]], None
-        return dpo_batches(sources, self.tokenizer, batch_size=batch_size, seed=seed,
-                           holdout_every=self.config.data.holdout_every, part=part,
-                           drop_remainder=drop_remainder, weights=weights, first_index=first,
-                           **self._common(process_index, process_count))
-
     def train_dataset(self, batch_size, process_index, process_count):
         ds = self._dataset(batch_size, process_index, process_count, "train", self.config.data.seed)
         return ds if self.in_memory else ds.map(self._attach_reference)
