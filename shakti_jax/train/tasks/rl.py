@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
