@@ -37,14 +37,15 @@ def tokenizer() -> Path:
 
 def pretrain_config(steps: int, size: str = "tiny", **model):
     """experiments/pretrain.py's config at `size` on the embedded corpus, quiet, evaluated every
-    `steps // 8` steps; `model` overrides model keys."""
+    `steps // 4` steps; `model` overrides model keys."""
     from experiments.pretrain import get_config
 
     c = get_config(size)
     c.data.tokenizer = str(tokenizer())
     c.model.update(model)
-    c.train.update(steps=steps, log_every=max(1, steps // 8), eval_every=max(1, steps // 8),
-                   checkpoint_every=steps, progress_bar=False, async_checkpoints=False)
+    c.train.update(steps=steps, log_every=max(1, steps // 8), eval_every=max(1, steps // 4),
+                   eval_batches=8 if FULL else 4, checkpoint_every=steps, progress_bar=False,
+                   async_checkpoints=False)
     return c
 
 

@@ -6,7 +6,7 @@
 # disambiguated contexts, and the bias scores) and ToxiGen (hate / not-hate classification
 # accuracy), for a model and for the GGUF files a phone would run. Every number comes from
 # `python -m shakti_jax.eval` on the same token requests: the JAX checkpoint, then each export
-# in llama.cpp. Small setting: a tiny model pretrained here and 30 items per task (BBQ: per category);
+# in llama.cpp. Small setting: a tiny model pretrained here and 20 items per task (BBQ: per category);
 # `SHAKTI_NOTEBOOK_FULL=1`: the imported SmolLM2-135M-Instruct and every item.
 
 # %%
@@ -42,7 +42,7 @@ for label, model in models.items():
     out = WORK / f"rai_{label.split()[0]}.json"
     args = ["--model", model, "--tasks", tasks, "--max_len", "256", "--out", str(out), "--no_progress"]
     try:
-        evaluate(args + ([] if FULL else ["--limit", "30"]))
+        evaluate(args + ([] if FULL else ["--limit", "20"]))
     except SystemExit as done:
         assert done.code == 0, f"eval of {model} failed ({done.code})"
     results[label] = {name.partition(":")[0]: metrics for name, metrics in json.loads(out.read_text())["tasks"].items()}

@@ -280,18 +280,31 @@ def reward_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "rl_test_rewards", module)
 
 
-@pytest.mark.parametrize("spec, message", [("python:rl_test_rewards:boom", "raised KeyError"),
-                                           ("python:rl_test_rewards:nan", "returned nan")])
-def test_a_failing_reward_stops_before_the_step(spec, message, reward_module, tokenizer_path,
-                                                shared_data, tmp_path):
-    c = rl_config(tokenizer_path, shared_data, group_size=2, max_new_tokens=4, rewards=(spec,))
+def test_a_failing_reward_stops_before_the_step(reward_module, tokenizer_path, shared_data, tmp_path):
+    """A reward function that raises, in a run: one line naming the prompt's index in the
+    rollout and its record, before the step (nothing trained, nothing saved)."""
+    c = rl_config(tokenizer_path, shared_data, group_size=2, max_new_tokens=4,
+                  rewards=("python:rl_test_rewards:boom",))
     c.train.update(steps=2, checkpoint_every=1, batch_size=2)
     with pytest.raises(RewardError) as err:
         Trainer(c, tmp_path / "bad").run()
     text = str(err.value)
-    assert "\n" not in text and message in text and "prompt 0 (" in text and "hh_rlhf_harmless_test" in text
+    assert "\n" not in text and "raised KeyError" in text and "prompt 0 (" in text and "hh_rlhf_harmless_test" in text
     assert "the step was not applied" in text
-    assert not list((tmp_path / "bad").glob("checkpoints/*"))  # nothing trained, nothing saved
+    assert not list((tmp_path / "bad").glob("checkpoints/*"))
+
+
+def test_a_non_finite_reward_names_its_reply(reward_module):
+    from shakti_jax.train.rewards import parse_rewards, score_replies
+
+    sources = parse_rewards(("keyword:a", "python:rl_test_rewards:nan*0.5"), tokenizer=None)
+    wheres = [f"prompt {i // 2} (p.jsonl:{i // 2 + 1}), reply {i % 2}" for i in range(4)]
+    with pytest.raises(RewardError) as err:
+        score_replies(sources, [{}] * 4, ["a", "b", "c", "d"], [[1]] * 4, 8, wheres)
+    assert str(err.value) == ("rl.rewards 'python:rl_test_rewards:nan*0.5' returned nan on prompt 0 "
+                              "(p.jsonl:1), reply 0; the step was not applied")
+    total, parts = score_replies(sources[:1], [{}] * 2, ["A cat", "dog"], [[1]] * 2, 8, wheres)
+    assert list(total) == [1.0, 0.0] and list(parts["keyword:a"]) == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("change, key", [
