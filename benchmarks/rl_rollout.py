@@ -83,7 +83,7 @@ def main() -> None:
     print(f"| RL rollouts 2..{len(rows)} on the trainer's params | {rl_rate:,.0f} | {compiles} "
           f"(constant: {len(compiles) == 1}) |")
     print(f"| standalone Generator, {args.repeats} calls | {alone:,.0f} | {len(generator.compiled_buckets)} bucket |")
-    print(f"standalone / RL = {alone / rl_rate:.2f}x (target <= 1.5x); update step {step_time * 1e3:.0f} ms, "
+    print(f"standalone / RL = {alone / rl_rate:.2f}x (target <= 1.5x); trainer step {step_time * 1e3:.0f} ms (rollout included), "
           f"rollout {np.median([r['rollout_seconds'] for r in rows[1:]]):.2f} s (sampling + rewards + scoring)")
 
 
