@@ -43,8 +43,10 @@ def test_the_notebooks_run_and_their_numbers_hold(shared_data, tmp_path):
     assert set(domain["answers"]) == {"base", "SFT", "SFT + DPO"}
 
     rai = numbers["responsible_ai"]
-    for label in ("Q8_0", "Q4_0"):  # the exports score the same items as the checkpoint, closely
-        for key, value in rai["JAX checkpoint"].items():
-            tolerance = 0.02 if key == "crows_pairs.likelihood_diff" and label == "Q8_0" else 0.15
-            scale = abs(value) if key.endswith("likelihood_diff") else 1.0
-            assert abs(rai[label][key] - value) <= tolerance * scale, (label, key, rai[label][key], value)
+    jax_scores, q8, q4 = rai["JAX checkpoint"], rai["Q8_0"], rai["Q4_0"]
+    for key, value in jax_scores.items():  # Q8_0 scores the same items as the checkpoint does
+        tolerance = 0.02 * abs(value) if key.endswith("likelihood_diff") else 0.051  # <= 1 of 20 flips
+        assert abs(q8[key] - value) <= tolerance, ("Q8_0", key, q8[key], value)
+    # Q4_0 moves log-likelihoods a little more; a near-chance tiny model's near-tie choices may flip
+    diff = "crows_pairs.likelihood_diff"
+    assert abs(q4[diff] - jax_scores[diff]) <= 0.05 * jax_scores[diff], (q4[diff], jax_scores[diff])
