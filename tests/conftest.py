@@ -72,3 +72,9 @@ def smollm_hf_tokenizer(smollm_gguf):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     return transformers.AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first (a stable sort, the same on every xdist worker), so that with
+    `-n 2` the longest ones start at once instead of leaving one worker busy at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

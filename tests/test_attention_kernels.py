@@ -233,6 +233,7 @@ def test_splash_adapter_matches_reference(seed):
 
 # ---- the model uses the dispatch everywhere: training forward/backward, prefill, decode ----
 
+@pytest.mark.slow
 def test_model_on_pallas_kernels_matches_the_reference_model():
     """Block-sparse rows unpacked, window and global layers also packed (segment ids): a
     packed block-sparse layout needs per-document positions, which the kernels refuse."""

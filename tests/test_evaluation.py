@@ -57,6 +57,7 @@ def test_jax_backend_equals_a_plain_forward_pass():
         assert score.greedy == bool(np.all(logits[rows].argmax(-1) == tokens[-n:]))
 
 
+@pytest.mark.slow
 def test_jax_and_llama_cpp_agree_per_request_on_smollm(smollm, shared_data, tmp_path):
     """The same requests (token ids) to the imported SmolLM2 in JAX and to its F32 GGUF export in
     llama.cpp: per-request log-likelihoods within 1e-3, the same greedy flags, the same perplexity."""

@@ -65,6 +65,7 @@ def export(workdir: Path, fmt: str, quant: str, out: Path) -> Path:
     return result.job.out
 
 
+@pytest.mark.slow
 def test_imported_smollm_matches_llama_cpp_on_wikitext(smollm, smollm_gguf, shared_data, record_property):
     """Perplexity of 2,048 wikitext-2 tokens in 1,024-token windows, each from a fresh context.
 

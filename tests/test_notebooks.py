@@ -12,6 +12,7 @@ pytest.importorskip("nbclient")
 pytest.importorskip("jupytext")
 
 
+@pytest.mark.slow
 def test_the_notebooks_run_and_their_numbers_hold(shared_data, tmp_path):
     from notebooks.execute import NOTEBOOKS, execute
 

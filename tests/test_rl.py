@@ -161,6 +161,7 @@ def test_sampler_log_probs_equal_the_training_forward(tokenizer_path, shared_dat
     np.testing.assert_allclose(batch["ref_logps"], batch["old_logps"], rtol=0, atol=0)  # reference = policy here
 
 
+@pytest.mark.slow
 def test_grpo_learns_a_keyword_reward_on_a_sharded_policy(tokenizer_path, shared_data, tmp_path):
     """The tiny recipe (reward: the reply contains "the"; about 5% of a random policy's
     replies do) on a 2x2x2 mesh: the held-out reward rises from ~0 to most replies within 24
@@ -184,6 +185,7 @@ def test_grpo_learns_a_keyword_reward_on_a_sharded_policy(tokenizer_path, shared
     assert len({r["rollout_compiles"] for r in steps}) == 1, [r["rollout_compiles"] for r in steps]
 
 
+@pytest.mark.slow
 def test_rl_resumes_with_the_same_rollouts(tokenizer_path, shared_data, tmp_path):
     """Two updates per rollout (the clipped ratio at work): 4 steps straight equal 2 steps,
     a restart, and 2 more, metric for metric."""

@@ -73,6 +73,7 @@ def test_tiny_loss_falls_on_tinyshakespeare(shared_data, tmp_path, tokenizer_pat
     assert last["toxigen:toxigen_sentences/n"] == 24
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path, tokenizer_path):
     config = _config(tokenizer_path, steps=24, checkpoint_every=6, eval_every=12)
     args = _overrides(config)
@@ -100,6 +101,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, tokenizer_path):
         np.testing.assert_array_equal([r.get(key) for r in got], [r.get(key) for r in want])
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back(tmp_path, tokenizer_path, capfd):
     Trainer(_config(tokenizer_path, steps=10), tmp_path).run()
     latest = tmp_path / "checkpoints" / "10" / "state"
