@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from data_pipelines.atomic import write_atomic
-from data_pipelines.default_corpus import write_default_corpus
-from data_pipelines.tokenizer import train_tokenizer
+from data_pipelines.tokenizer import small_default_tokenizer
 from experiments.rl import get_config
 from shakti_jax import plots
 from shakti_jax.train.metrics import read_metrics
@@ -71,10 +70,7 @@ def main() -> None:
     parser.add_argument("--word", default="the")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = args.workdir / "tok.model"  # the test suite's: 512 pieces, the default corpus
-    if not tokenizer.exists():
-        corpus = write_default_corpus(args.workdir / "corpus.txt", max_chars=400_000)
-        tokenizer = train_tokenizer([corpus], 512, args.workdir / "tok")
+    tokenizer = small_default_tokenizer(args.workdir)  # the test suite's
     results = [run(a, args.workdir / a, tokenizer, args) for a in ("grpo", "ppo")]
     write_atomic(args.workdir / "rl_keyword.json", json.dumps(results, indent=1).encode())
     plot(results, args.workdir / "rl_keyword.png", args.word)

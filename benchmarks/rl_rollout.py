@@ -21,9 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from data_pipelines.default_corpus import write_default_corpus
 from data_pipelines.pipeline import SkippedRecords
-from data_pipelines.tokenizer import Tokenizer, train_tokenizer
+from data_pipelines.tokenizer import Tokenizer, small_default_tokenizer
 from experiments.rl import get_config
 from shakti_jax.config import ModelConfig
 from shakti_jax.generate import Generator, Sampling
@@ -44,10 +43,7 @@ def main() -> None:
     parser.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = args.workdir / "tok.model"
-    if not tokenizer.exists():
-        corpus = write_default_corpus(args.workdir / "corpus.txt", max_chars=400_000)
-        tokenizer = train_tokenizer([corpus], 512, args.workdir / "tok")
+    tokenizer = small_default_tokenizer(args.workdir)  # the test suite's
 
     c = get_config(f"tiny,{args.algorithm}")
     c.data.tokenizer = str(tokenizer)

@@ -118,6 +118,18 @@ def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_pref
     return write_atomic(Path(f"{out_prefix}.model"), model.getvalue())
 
 
+def small_default_tokenizer(folder: str | Path) -> Path:
+    """`folder/tok.model`: a 512-piece tokenizer of the first 400,000 characters of the embedded
+    default corpus (the tests', the notebooks' and the CPU benchmarks'), trained once."""
+    from data_pipelines.default_corpus import write_default_corpus
+
+    folder = Path(folder)
+    model = folder / "tok.model"
+    if not model.exists():
+        train_tokenizer([write_default_corpus(folder / "corpus.txt", max_chars=400_000)], 512, folder / "tok")
+    return model
+
+
 def _training_error(err: RuntimeError, inputs: list[Path], vocab_size: int) -> TokenizerError:
     names = ", ".join(map(str, inputs))
     message = " ".join(str(err).split())

@@ -26,9 +26,10 @@ from data_pipelines.cli import ArgumentParser, run_main
 from data_pipelines.errors import TokenizerError
 from data_pipelines.spm_tokenizer import (BOS, BOS_ID, CHAT_TOKENS, EOS, EOS_ID, MIN_VOCAB, PAD, PAD_ID,
                                           SPECIAL_TOKENS, UNK, UNK_ID, SentencePieceTokenizer,
-                                          train_tokenizer)
+                                          small_default_tokenizer, train_tokenizer)
 
 __all__ = ["Tokenizer", "TokenizerError", "BPETokenizer", "SentencePieceTokenizer", "train_tokenizer",
+           "small_default_tokenizer",
            "BOS", "BOS_ID", "CHAT_TOKENS", "EOS", "EOS_ID", "MIN_VOCAB", "PAD", "PAD_ID",
            "SPECIAL_TOKENS", "UNK", "UNK_ID", "main"]
 

@@ -25,14 +25,9 @@ WORK.mkdir(parents=True, exist_ok=True)
 
 def tokenizer() -> Path:
     """The 512-piece tokenizer of the tests, trained once on the embedded corpus into WORK."""
-    from data_pipelines.default_corpus import write_default_corpus
-    from data_pipelines.tokenizer import train_tokenizer
+    from data_pipelines.tokenizer import small_default_tokenizer
 
-    path = WORK / "tok.model"
-    if not path.exists():
-        corpus = write_default_corpus(WORK / "corpus.txt", max_chars=400_000)
-        train_tokenizer([corpus], 512, WORK / "tok")
-    return path
+    return small_default_tokenizer(WORK)
 
 
 def pretrain_config(steps: int, size: str = "tiny", **model):

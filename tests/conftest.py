@@ -23,12 +23,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> str:
     """A 512-piece tokenizer trained on the embedded default corpus (shared by the suite)."""
-    from data_pipelines.default_corpus import write_default_corpus
-    from data_pipelines.tokenizer import train_tokenizer
+    from data_pipelines.tokenizer import small_default_tokenizer
 
-    root = tmp_path_factory.mktemp("tok")
-    corpus = write_default_corpus(root / "corpus.txt", max_chars=400_000)
-    return str(train_tokenizer([corpus], 512, root / "tok"))
+    return str(small_default_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 def tiny_experiment(tokenizer_path: str, *, seq_len: int, warmup_steps: int, **train):

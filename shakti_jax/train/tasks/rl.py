@@ -290,25 +290,10 @@ def rl_defaults() -> Any:
     """The `rl` config section with its defaults (experiments/rl.py sets the recipes)."""
     from ml_collections import ConfigDict
 
-    c = ConfigDict()
-    c.algorithm = "grpo"
-    c.rewards = ("keyword:the",)
-    c.group_size = 4
-    c.max_prompt_len = 64
-    c.max_new_tokens = 32
-    c.chat = True
-    c.temperature = 1.0
-    c.top_k = 0
-    c.top_p = 1.0
-    c.updates_per_rollout = 1
-    c.clip_eps = 0.2
-    c.beta = 0.04
-    c.scale_rewards = True
-    c.gamma = 1.0
-    c.lam = 0.95
-    c.value_clip = 0.2
-    c.vf_coef = 0.1
-    c.whiten = True
-    c.eval_prompts = 16
-    c.eval_temperature = 1.0
-    return c
+    return ConfigDict({
+        "algorithm": "grpo", "rewards": ("keyword:the",), "group_size": 4,
+        "max_prompt_len": 64, "max_new_tokens": 32, "chat": True,
+        "temperature": 1.0, "top_k": 0, "top_p": 1.0,  # sampling of rollouts
+        "updates_per_rollout": 1, "clip_eps": 0.2, "beta": 0.04, "scale_rewards": True,
+        "gamma": 1.0, "lam": 0.95, "value_clip": 0.2, "vf_coef": 0.1, "whiten": True,  # PPO
+        "eval_prompts": 16, "eval_temperature": 1.0})
